@@ -1,0 +1,1 @@
+"""Reptile and its first-order relatives, vectorised with torch.func, trained with Lightning."""

@@ -1,0 +1,100 @@
+"""The inner loop: k optimizer steps from φ on every task of a batch at once.
+
+Per-task "clones" of the model are batched parameter tensors ([tasks, ...]); the per-task gradient
+is `vmap(grad(loss))` over them. There is no deep copy and no Python loop over tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_map_only
+
+from reptile.algorithms.optimizers import InnerOptimizer, Params, State
+from reptile.data.tasks import Task
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": F.mse_loss,
+    "cross_entropy": F.cross_entropy,
+}
+
+
+def broadcast(tree: State | Params, tasks: int) -> State | Params:
+    """One copy per task of every tensor in `tree` (a view: no memory until written)."""
+    return tree_map_only(torch.Tensor, lambda t: t.expand(tasks, *t.shape), tree)
+
+
+def task_mean(tree: State | Params) -> State | Params:
+    return tree_map_only(torch.Tensor, lambda t: t.mean(0), tree)
+
+
+def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values [tasks, samples, ...], index [tasks, batch] → [tasks, batch, ...]."""
+    tasks = torch.arange(len(index), device=index.device).unsqueeze(-1)
+    return values[tasks, index]
+
+
+class InnerLoop:
+    """Adapts batched parameters with `optimizer` on the mini-batches a task's schedule lists."""
+
+    def __init__(self, model: nn.Module, loss: str, optimizer: InnerOptimizer) -> None:
+        self.model = model
+        self.loss = LOSSES[loss]
+        self.optimizer = optimizer
+        self.task_grad = vmap(grad_and_value(self.task_loss))
+        # Batch norm on batch statistics couples the samples of a batch: only then does scoring
+        # each query beside the support set differ from scoring all queries at once.
+        self.couples_batch = any(isinstance(m, _BatchNorm) for m in model.modules())
+
+    def forward(self, params: Params, inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, params, (inputs,))
+
+    def task_loss(
+        self, params: Params, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        return self.loss(self.forward(params, inputs), targets)
+
+    def step(
+        self, params: Params, state: State, task: Task, step: int
+    ) -> tuple[Params, State, torch.Tensor]:
+        """One optimizer step on mini-batch `step` of every task; returns the per-task losses."""
+        index = task["batch_index"][:, step]
+        inputs = gather(task["support_inputs"], index)
+        targets = gather(task["support_targets"], index)
+        grads, losses = self.task_grad(params, inputs, targets)
+        params, state = self.optimizer.step(params, grads, state)
+        return params, state, losses
+
+    def adapt(
+        self, params: Params, state: State, task: Task, steps: int
+    ) -> tuple[Params, State, torch.Tensor]:
+        """`steps` optimizer steps: the adapted parameters, the state, losses [steps, tasks]."""
+        losses = []
+        for step in range(steps):
+            params, state, step_losses = self.step(params, state, task, step)
+            losses.append(step_losses)
+        return params, state, torch.stack(losses)
+
+    def predict(
+        self, params: Params, support: torch.Tensor, query: torch.Tensor, transductive: bool
+    ) -> torch.Tensor:
+        """Predictions for `query` [tasks, queries, ...] from per-task parameters.
+
+        Transductive: all queries of a task in one batch. Otherwise each query is passed together
+        with the task's support set and only its own prediction is kept.
+        """
+        if transductive or not self.couples_batch:
+            return vmap(self.forward)(params, query)
+
+        def one_query(
+            task_params: Params, task_support: torch.Tensor, sample: torch.Tensor
+        ) -> torch.Tensor:
+            return self.forward(task_params, torch.cat([task_support, sample.unsqueeze(0)]))[-1]
+
+        per_task = vmap(one_query, in_dims=(None, None, 0))
+        return vmap(per_task)(params, support, query)

@@ -1,0 +1,20 @@
+"""Reptile: move φ toward the weights the inner loop reaches, φ ← φ + ε·mean_i(W_i − φ)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reptile.algorithms.base import Algorithm, MetaStep, clones
+from reptile.algorithms.inner_loop import InnerLoop
+from reptile.algorithms.optimizers import Params, State
+from reptile.data.tasks import Task
+
+
+@dataclass(frozen=True)
+class Reptile(Algorithm):
+    def meta_gradient(self, inner: InnerLoop, phi: Params, state: State, task: Task) -> MetaStep:
+        tasks = len(task["support_targets"])
+        adapted, state, losses = inner.adapt(clones(phi, tasks), state, task, self.inner_steps)
+        # φ − mean W: SGD on it with learning rate ε is exactly the Reptile interpolation.
+        gradient = {name: p - adapted[name].mean(0) for name, p in phi.items()}
+        return MetaStep(gradient, state, losses)

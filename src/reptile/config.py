@@ -1,0 +1,42 @@
+"""Input checking shared by every configurable object.
+
+Objects check their own arguments with `require`; the entry point prefixes the config group, so a
+user sees one line such as `algorithm.inner_steps=0: expected an integer >= 1`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigValueError(ValueError):
+    """A configuration value outside what is accepted."""
+
+    def __init__(self, key: str, value: Any, accepted: str) -> None:
+        self.key, self.value, self.accepted = key, value, accepted
+        super().__init__(f"{key}={value!r}: expected {accepted}")
+
+    def under(self, prefix: str) -> ConfigValueError:
+        return ConfigValueError(f"{prefix}.{self.key}", self.value, self.accepted)
+
+
+def require(condition: bool, key: str, value: Any, accepted: str) -> None:
+    if not condition:
+        raise ConfigValueError(key, value, accepted)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require_int(key: str, value: Any, minimum: int) -> None:
+    require(is_int(value) and value >= minimum, key, value, f"an integer >= {minimum}")
+
+
+def require_positive(key: str, value: Any) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    require(number and value > 0 and value != float("inf"), key, value, "a finite number > 0")
+
+
+def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    require(value in choices, key, value, f"one of {', '.join(choices)}")

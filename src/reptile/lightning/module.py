@@ -1,0 +1,169 @@
+"""The LightningModule: one meta-iteration per `training_step`, by manual optimization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from reptile.algorithms.base import Algorithm, clones
+from reptile.algorithms.inner_loop import InnerLoop, broadcast, task_mean
+from reptile.algorithms.optimizers import Params, State
+from reptile.data.tasks import Task
+from reptile.lightning.metrics import MeanWithConfidence
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a NaN or infinite value."""
+
+
+class MetaLearner(pl.LightningModule):
+    """φ lives in `model`'s parameters; the algorithm turns tasks into a meta-gradient for them.
+
+    With several DDP ranks each rank adapts its share of the meta-batch and the meta-gradients
+    are averaged explicitly with an all-reduce (setting `p.grad` by hand bypasses DDP's hooks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        algorithm: Algorithm,
+        loss: str,
+        score_before: str | None = None,
+        score_after: str = "score",
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.algorithm = algorithm
+        self.loss = loss
+        self.score_names = {"before": score_before, "after": score_after}
+        self.inner = InnerLoop(model, loss, algorithm.make_inner_optimizer())
+        self.inner_state: State | None = None  # carried across meta-iterations ("carry")
+        self.scores = nn.ModuleDict(
+            {name: MeanWithConfidence() for name in self.score_names.values() if name}
+        )
+
+    def phi(self) -> Params:
+        return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    # --- training -------------------------------------------------------------------------
+
+    def initial_inner_state(self, tasks: int) -> State:
+        if self.algorithm.inner_state == "reset" or self.inner_state is None:
+            return self.inner.optimizer.init(clones(self.phi(), tasks))
+        return broadcast(self.inner_state, tasks)
+
+    def training_step(self, task: Task, batch_idx: int) -> None:
+        tasks = len(task["support_targets"])
+        step = self.algorithm.meta_gradient(
+            self.inner, self.phi(), self.initial_inner_state(tasks), task
+        )
+        gradient = self.mean_over_ranks(step.gradient)
+        if self.algorithm.inner_state == "carry":
+            self.inner_state = self.mean_over_ranks(task_mean(step.state))
+        losses = self.mean_over_ranks(
+            {"first": step.losses[0].mean(), "last": step.losses[-1].mean()}
+        )
+        self.check_finite(losses["first"], losses["last"], *gradient.values())
+
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        for name, p in self.model.named_parameters():
+            p.grad = gradient[name]
+        optimizer.step()
+        self.lr_schedulers().step()
+
+        self.log_dict(
+            {
+                "train/loss": losses["first"],  # at φ, on each task's first mini-batch
+                "train/loss_adapted": losses["last"],  # on the last inner mini-batch
+                "train/meta_lr": optimizer.param_groups[0]["lr"],
+            },
+            prog_bar=True,
+        )
+
+    def mean_over_ranks(self, tree: Any) -> Any:
+        if self.trainer.world_size == 1:
+            return tree
+        return self.trainer.strategy.reduce(tree, reduce_op="mean")
+
+    def check_finite(
+        self, loss_first: torch.Tensor, loss_last: torch.Tensor, *tensors: torch.Tensor
+    ) -> None:
+        values = {"train/loss": loss_first, "train/loss_adapted": loss_last}
+        bad = {name: value.item() for name, value in values.items() if not torch.isfinite(value)}
+        if not bad and all(torch.isfinite(t).all() for t in tensors):
+            return
+        detail = (
+            ", ".join(f"{name}={value}" for name, value in bad.items())
+            or "meta-gradient not finite"
+        )
+        raise DivergenceError(f"training diverged at meta-iteration {self.global_step}: {detail}")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.algorithm.make_outer_optimizer(list(self.model.parameters()))
+        total = max(self.trainer.max_steps, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: self.algorithm.meta_lr_at(min(step / total, 1.0)) / self.algorithm.meta_lr,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["inner_state"] = self.inner_state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.inner_state = checkpoint.get("inner_state")
+
+    # --- evaluation -----------------------------------------------------------------------
+
+    def adapted_predictions(self, task: Task, steps: list[int]) -> dict[int, torch.Tensor]:
+        """Query predictions after each number of inner steps in `steps` (sorted), from φ."""
+        params = clones(self.phi(), len(task["support_targets"]))
+        state = self.inner.optimizer.init(params)
+        predictions, done = {}, 0
+        for target in steps:
+            for step in range(done, target):
+                params, state, _ = self.inner.step(params, state, task, step)
+            done = target
+            predictions[target] = self.inner.predict(
+                params, task["support_inputs"], task["query_inputs"], self.algorithm.transductive
+            )
+        return predictions
+
+    def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-task score: mean squared error, or accuracy for classification."""
+        if self.loss == "mse":
+            return (predictions - targets).square().flatten(1).mean(1)
+        return (predictions.argmax(-1) == targets).float().mean(1)
+
+    def evaluation_step(self, task: Task) -> None:
+        steps = {"before": 0, "after": self.algorithm.eval_inner_steps}
+        wanted = {when: steps[when] for when, name in self.score_names.items() if name}
+        predictions = self.adapted_predictions(task, sorted(set(wanted.values())))
+        for when, step in wanted.items():
+            self.scores[self.score_names[when]].update(
+                self.score(predictions[step], task["query_targets"])
+            )
+
+    def log_scores(self, stage: str) -> None:
+        for name, metric in self.scores.items():
+            mean, ci95 = metric.compute()
+            self.log(f"{stage}/{name}", mean.float(), prog_bar=stage == "val")
+            self.log(f"{stage}/{name}_ci95", ci95.float())
+            metric.reset()
+
+    def validation_step(self, task: Task, batch_idx: int) -> None:
+        self.evaluation_step(task)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_scores("val")
+
+    def test_step(self, task: Task, batch_idx: int) -> None:
+        self.evaluation_step(task)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_scores("test")

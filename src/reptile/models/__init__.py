@@ -1,0 +1,1 @@
+"""Networks. Any `nn.Module` works: the algorithms call it through `torch.func.functional_call`."""
