@@ -1,4 +1,4 @@
-"""`train.py` end to end through Hydra: outputs, multirun, bad input, divergence, reproducibility."""
+"""`train.py` end to end through Hydra: outputs, sweeps, bad input, divergence, reproducibility."""
 
 from __future__ import annotations
 

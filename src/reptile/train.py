@@ -17,7 +17,6 @@ from reptile.config import ConfigValueError, require, require_int
 from reptile.lightning.callbacks import AtomicCheckpointIO
 from reptile.lightning.module import MetaLearner
 
-
 # Lightning's advice for manual optimization does not apply: φ after the outer step, with the
 # step counter that goes with it, is exactly the state a resumed run needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
