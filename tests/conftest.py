@@ -52,3 +52,12 @@ def run_train(*args: str, cwd: Path = ROOT, timeout: int = 300):
         timeout=timeout,
         env={**__import__("os").environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"},
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One short default run of `python train.py` (W&B offline), shared by the tests reading it."""
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    result = run_train(*TINY_RUN, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

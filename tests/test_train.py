@@ -12,10 +12,8 @@ from reptile.config import ConfigValueError
 from reptile.train import build
 
 
-def test_single_run_writes_results_plot_checkpoint_and_offline_wandb(tmp_path: Path) -> None:
-    result = run_train(*TINY_RUN, f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+def test_single_run_writes_results_plot_checkpoint_and_offline_wandb(tiny_run: Path) -> None:
+    results = json.loads((tiny_run / "results.json").read_text())
     assert set(results) == {
         "test/mse_before",
         "test/mse_before_ci95",
@@ -23,21 +21,33 @@ def test_single_run_writes_results_plot_checkpoint_and_offline_wandb(tmp_path: P
         "test/mse_after_ci95",
     }
     assert all(value > 0 for value in results.values())
-    assert (tmp_path / "adaptation.png").stat().st_size > 10_000
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    assert (tmp_path / ".hydra" / "config.yaml").is_file()
-    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert (tiny_run / "adaptation.png").stat().st_size > 10_000
+    assert (tiny_run / "checkpoints" / "last.ckpt").is_file()
+    assert (tiny_run / ".hydra" / "config.yaml").is_file()
+    offline_runs = list((tiny_run / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     assert list(offline_runs[0].glob("*.wandb")), "W&B wrote no run file"
 
 
-def test_same_seed_gives_same_results(tmp_path: Path) -> None:
-    outputs = []
-    for name in ("a", "b"):
-        result = run_train(*TINY_RUN, "logger=none", f"hydra.run.dir={tmp_path / name}")
-        assert result.returncode == 0, result.stderr[-3000:]
-        outputs.append((tmp_path / name / "results.json").read_text())
-    assert outputs[0] == outputs[1]
+def test_same_seed_gives_same_results(tiny_run: Path, tmp_path: Path) -> None:
+    result = run_train(*TINY_RUN, "logger=none", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "results.json").read_text() == (tiny_run / "results.json").read_text()
+
+
+def test_evaluating_the_checkpoint_reproduces_the_test_metrics(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    checkpoint = tiny_run / "checkpoints" / "last.ckpt"
+    result = run_train(
+        *TINY_RUN,
+        "logger=none",
+        "train=false",
+        f"ckpt_path={checkpoint}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "results.json").read_text() == (tiny_run / "results.json").read_text()
 
 
 def test_multirun_gives_each_job_its_directory_and_results(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, MetaLearner, pl.Trai
         score_before=datamodule.score_before,
         score_after=datamodule.score_after,
     )
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
     loggers = [instantiate_group(cfg.logger, name) for name in cfg.get("logger") or {}]
     callbacks = [instantiate_group(cfg.callbacks, name) for name in cfg.get("callbacks") or {}]
     trainer = instantiate_group(
