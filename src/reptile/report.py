@@ -5,8 +5,8 @@ described by its config: `--x` and `--hue` name either a config group (`algorith
 `experiment`: the option chosen, e.g. `fomaml`) or a dotted config key (`algorithm.inner_steps`);
 several keys may be joined with commas (`--hue algorithm,algorithm.tail_shots`). By default `--x`
 and `--hue` are the first two overrides other than `seed` that differ between the jobs (`--hue
-none`: no hue), and `--y` is the adapted score (`test/..._after`). Jobs that agree on x and hue
-(e.g. different seeds) are averaged.
+none`: no hue), and `--y` is the adapted score (`test/mse_after`, `test/acc`). Jobs that agree on
+x and hue (e.g. different seeds) are averaged.
 Writes `report.md` and `report.png` into the first directory and prints the markdown.
 """
 
@@ -86,10 +86,11 @@ def varying_overrides(jobs: list[Job]) -> list[str]:
 
 
 def default_metric(jobs: list[Job]) -> str:
-    adapted = [key for key in jobs[0].results if key.endswith("_after")]
-    if not adapted:
-        raise ReportError(f"no *_after score in {jobs[0].path / 'results.json'}: pass --y")
-    return adapted[0]
+    """The adapted score: `*_after` (regression), else the first score (classification's `acc`)."""
+    scores = [key for key in jobs[0].results if not key.endswith("_ci95")]
+    if not scores:
+        raise ReportError(f"no score in {jobs[0].path / 'results.json'}: pass --y")
+    return next((key for key in scores if key.endswith("_after")), scores[0])
 
 
 def ordered(values: list[str]) -> list[str]:
@@ -175,8 +176,7 @@ def plot(table: dict, x: str | None, y: str, hue: str | None, path: Path) -> Non
             capsize=3,
             label=hue_value if hue else None,
         )
-    if not numeric:
-        axis.set_xticks(list(position.values()), list(position))
+    axis.set_xticks(list(position.values()), list(position))  # the swept values, no others
     axis.set_xlabel(x or "")
     axis.set_ylabel(y)
     if hue:
