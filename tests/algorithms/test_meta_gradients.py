@@ -17,6 +17,7 @@ from reptile.algorithms.base import Algorithm
 from reptile.config import ConfigValueError
 from reptile.data.sine import SineWaves
 from reptile.data.tasks import InnerSchedule, collate_tasks, inner_batch_index, task_generator
+from reptile.models.conv4 import Conv4
 from reptile.models.mlp import MLP
 
 TASKS, SHOTS, BATCH, TAIL, LR = 3, 8, 4, 5, 0.05
@@ -42,8 +43,29 @@ def phi_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def meta_gradient(algorithm: Algorithm, model: torch.nn.Module, task: dict) -> dict:
-    inner = InnerLoop(model, "mse", algorithm.make_inner_optimizer())
+def classification_tasks(steps: int, tail: int) -> dict:
+    """Random 3-way image tasks (4 shots per class) for a tiny batch-norm Conv4, in float64."""
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.arange(3).repeat_interleave(4).expand(TASKS, 12)
+    batches = [inner_batch_index(12, InnerSchedule(steps, BATCH), generator) for _ in range(TASKS)]
+    return {
+        "support_inputs": torch.rand(TASKS, 12, 1, 8, 8, generator=generator, dtype=torch.float64),
+        "support_targets": labels,
+        "query_inputs": torch.rand(
+            TASKS, 3 * tail, 1, 8, 8, generator=generator, dtype=torch.float64
+        ),
+        "query_targets": torch.arange(3).repeat_interleave(tail).expand(TASKS, 3 * tail),
+        "batch_index": torch.stack(batches),
+    }
+
+
+LOSS_FUNCTIONS = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
+
+
+def meta_gradient(
+    algorithm: Algorithm, model: torch.nn.Module, task: dict, loss: str = "mse"
+) -> dict:
+    inner = InnerLoop(model, loss, algorithm.make_inner_optimizer())
     phi = phi_of(model)
     return algorithm.meta_gradient(inner, phi, inner.optimizer.init(phi), task).gradient
 
@@ -59,9 +81,11 @@ def tail_of(task: dict, i: int, steps: int, tail: int) -> tuple[torch.Tensor, to
     return batch_of(task, i, steps - 1)
 
 
-def sgd_step(clone: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs, targets) -> None:
+def sgd_step(
+    clone: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs, targets, loss=F.mse_loss
+) -> None:
     optimizer.zero_grad()
-    F.mse_loss(clone(inputs), targets).backward()
+    loss(clone(inputs), targets).backward()
     optimizer.step()
 
 
@@ -127,26 +151,37 @@ def test_fomaml_is_the_last_inner_step_on_the_tail(optimizer: str, tail: int) ->
     assert_trees_close(meta_gradient(algorithm, model, task), expected, rtol=1e-4, atol=1e-7)
 
 
-def post_adaptation_loss(model: torch.nn.Module, task: dict, steps: int, tail: int) -> float:
+def post_adaptation_loss(
+    model: torch.nn.Module, task: dict, steps: int, tail: int, loss: str
+) -> float:
     """mean_i L_tail,i after k − 1 plain SGD steps on task i, by a per-task loop."""
     total = 0.0
     for i in range(TASKS):
         clone = copy.deepcopy(model)
         optimizer = torch.optim.SGD(clone.parameters(), lr=LR)
         for step in range(steps - 1):
-            sgd_step(clone, optimizer, *batch_of(task, i, step))
+            sgd_step(clone, optimizer, *batch_of(task, i, step), LOSS_FUNCTIONS[loss])
         inputs, targets = tail_of(task, i, steps, tail)
         with torch.no_grad():
-            total += F.mse_loss(clone(inputs), targets).item()
+            total += LOSS_FUNCTIONS[loss](clone(inputs), targets).item()
     return total / TASKS
 
 
-@pytest.mark.parametrize("tail", [0, TAIL], ids=["shared_tail", "separate_tail"])
-def test_maml_meta_gradient_matches_finite_differences(tail: int) -> None:
+@pytest.mark.parametrize(
+    ("loss", "tail"),
+    [("mse", 0), ("mse", TAIL), ("cross_entropy", 0), ("cross_entropy", 2)],
+    ids=["sine_shared_tail", "sine_separate_tail", "conv4_shared_tail", "conv4_separate_tail"],
+)
+def test_maml_meta_gradient_matches_finite_differences(loss: str, tail: int) -> None:
     """Directional derivatives of the post-adaptation loss, by central differences in float64,
-    equal <MAML meta-gradient / inner_lr, direction>: the second-order terms are all there."""
-    steps, model = 3, tiny_model(torch.float64)
-    task = make_tasks(steps, tail, torch.float64)
+    equal <MAML meta-gradient / inner_lr, direction>: the second-order terms are all there,
+    through an MLP on sine tasks and through a batch-norm Conv4 on classification tasks."""
+    steps = 3
+    if loss == "mse":
+        model, task = tiny_model(torch.float64), make_tasks(steps, tail, torch.float64)
+    else:
+        model = Conv4(num_classes=3, hidden=4, layers=2, image_size=8).to(torch.float64)
+        task = classification_tasks(steps, tail)
     algorithm = MAML(
         inner_steps=steps,
         inner_batch_size=BATCH,
@@ -154,7 +189,7 @@ def test_maml_meta_gradient_matches_finite_differences(tail: int) -> None:
         inner_optimizer="sgd",
         tail_shots=tail,
     )
-    gradient = meta_gradient(algorithm, model, task)
+    gradient = meta_gradient(algorithm, model, task, loss)
     first_order = meta_gradient(
         FOMAML(
             inner_steps=steps,
@@ -165,6 +200,7 @@ def test_maml_meta_gradient_matches_finite_differences(tail: int) -> None:
         ),
         model,
         task,
+        loss,
     )
     h = 1e-5
     generator = torch.Generator().manual_seed(1)
@@ -179,7 +215,7 @@ def test_maml_meta_gradient_matches_finite_differences(tail: int) -> None:
             with torch.no_grad():
                 for name, p in moved.named_parameters():
                     p += sign * h * direction[name]
-            shifted.append(post_adaptation_loss(moved, task, steps, tail))
+            shifted.append(post_adaptation_loss(moved, task, steps, tail, loss))
         finite_difference = (shifted[0] - shifted[1]) / (2 * h)
         analytic = sum((gradient[n] * direction[n]).sum() for n in direction).item() / LR
         approximate = sum((first_order[n] * direction[n]).sum() for n in direction).item() / LR

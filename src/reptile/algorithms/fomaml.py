@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reptile.algorithms.base import MetaStep
+from reptile.algorithms.base import MetaStep, clones
 from reptile.algorithms.inner_loop import InnerLoop
 from reptile.algorithms.optimizers import Params, State
 from reptile.algorithms.tail import TailAlgorithm
@@ -25,7 +25,11 @@ class FOMAML(TailAlgorithm):
     """
 
     def meta_gradient(self, inner: InnerLoop, phi: Params, state: State, task: Task) -> MetaStep:
-        adapted, state, losses = self.adapt_before_tail(inner, phi, state, task)
+        tasks = len(task["support_targets"])
+        adapted = clones(phi, tasks)
+        losses = adapted[next(iter(adapted))].new_empty(0, tasks)  # k = 1: the tail is at φ
+        if self.inner_steps > 1:
+            adapted, state, losses = inner.adapt(adapted, state, task, self.inner_steps - 1)
         grads, tail_losses = inner.task_grad(adapted, *self.tail(task))
         stepped, state = inner.optimizer.step(adapted, grads, state)
         gradient = {name: (adapted[name] - stepped[name]).mean(0) for name in phi}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.func import grad, vmap
+from torch.func import grad, grad_and_value, vmap
 
 from reptile.algorithms.base import MetaStep
 from reptile.algorithms.inner_loop import InnerLoop
@@ -21,10 +21,8 @@ class MAML(TailAlgorithm):
 
     Scaled by inner_lr so that it is in the units of Reptile's and FOMAML's (a displacement of the
     weights; FOMAML is this with ∂U/∂φ replaced by the identity), and ε means the same for all
-    three. `torch.func.grad` differentiates through the batched inner loop itself (vmap over the
-    tasks inside), so the second-order terms come from the very code every algorithm adapts with.
-    `task_chunk_size` caps memory: that many tasks are differentiated at a time (0: all at once)
-    and their gradients summed.
+    three. The tasks are vectorised as `vmap(grad(one task's tail loss))`; `task_chunk_size` caps
+    memory by differentiating that many tasks at a time (0: the whole meta-batch at once).
     """
 
     task_chunk_size: int = 0
@@ -40,23 +38,33 @@ class MAML(TailAlgorithm):
         require_int("task_chunk_size", self.task_chunk_size, 0)
 
     def meta_gradient(self, inner: InnerLoop, phi: Params, state: State, task: Task) -> MetaStep:
-        tasks = len(task["support_targets"])
-        chunk = self.task_chunk_size or tasks
+        step_grad = grad_and_value(inner.task_loss)
 
-        def tail_loss_sum(phi: Params, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
-            adapted, _, losses = self.adapt_before_tail(inner, phi, state, task)
-            tail_losses = vmap(inner.task_loss)(adapted, *self.tail(task))
-            all_losses = torch.cat([losses, tail_losses.unsqueeze(0)])
-            return tail_losses.sum(), all_losses.detach()
+        def tail_loss(phi: Params, one: Task) -> tuple[torch.Tensor, torch.Tensor]:
+            """One task: its k − 1 steps from φ, then the tail loss (and all losses, as aux).
 
-        gradient = {name: torch.zeros_like(p) for name, p in phi.items()}
-        losses = []
-        for start in range(0, tasks, chunk):
-            part = {key: value[start : start + chunk] for key, value in task.items()}
-            grads, part_losses = grad(tail_loss_sum, has_aux=True)(phi, part)
-            for name, g in grads.items():
-                gradient[name] += g
-            losses.append(part_losses)
-        scale = self.inner_lr / tasks
-        gradient = {name: scale * g for name, g in gradient.items()}
-        return MetaStep(gradient, state, torch.cat(losses, dim=1))
+            The steps take gradients of the unbatched `task_loss` and the tasks are vmapped
+            outside the grad: differentiating through the inner loop's own vmap(grad(...)) gives
+            silently wrong second derivatives of batch norm (torch 2.13; the finite-difference
+            test catches it), while grad(vmap-free grad) is exact.
+            """
+            params, losses = phi, []
+            for step in range(self.inner_steps - 1):
+                index = one["batch_index"][step]
+                grads, loss = step_grad(
+                    params, one["support_inputs"][index], one["support_targets"][index]
+                )
+                params, _ = inner.optimizer.step(params, grads, state)
+                losses.append(loss)
+            inputs, targets = self.tail({key: value.unsqueeze(0) for key, value in one.items()})
+            loss = inner.task_loss(params, inputs[0], targets[0])
+            return loss, torch.stack([*losses, loss]).detach()
+
+        per_task = vmap(
+            grad(tail_loss, has_aux=True),
+            in_dims=(None, 0),
+            chunk_size=self.task_chunk_size or None,
+        )
+        grads, losses = per_task(phi, task)
+        gradient = {name: self.inner_lr * g.mean(0) for name, g in grads.items()}
+        return MetaStep(gradient, state, losses.T)

@@ -13,23 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from reptile.algorithms.base import Algorithm, clones
-from reptile.algorithms.inner_loop import InnerLoop, gather
-from reptile.algorithms.optimizers import Params, State
+from reptile.algorithms.base import Algorithm
+from reptile.algorithms.inner_loop import gather
 from reptile.data.tasks import Task
 
 
 @dataclass(frozen=True)
 class TailAlgorithm(Algorithm):
-    def adapt_before_tail(
-        self, inner: InnerLoop, phi: Params, state: State, task: Task
-    ) -> tuple[Params, State, torch.Tensor]:
-        """The k − 1 inner steps from φ: adapted parameters, state, losses [k − 1, tasks]."""
-        params = clones(phi, len(task["support_targets"]))
-        if self.inner_steps == 1:  # the tail gradient is taken at φ itself
-            return params, state, params[next(iter(params))].new_empty(0, len(task["batch_index"]))
-        return inner.adapt(params, state, task, self.inner_steps - 1)
-
     def tail(self, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of every task's final mini-batch, [tasks, batch, ...]."""
         if self.tail_shots > 0:
