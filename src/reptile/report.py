@@ -173,6 +173,7 @@ def plot(table: dict, x: str | None, y: str, hue: str | None, path: Path) -> Non
             [c.mean for c in row.values()],
             yerr=[0 if math.isnan(c.ci95) else c.ci95 for c in row.values()],
             marker="o",
+            linestyle="-" if numeric else "none",  # categories are not a continuum
             capsize=3,
             label=hue_value if hue else None,
         )
