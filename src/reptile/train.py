@@ -83,10 +83,15 @@ def run(cfg: DictConfig) -> float | None:
     """Fit and test as `cfg` says; returns `cfg.optimized_metric` for hyperparameter searches."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
-    if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    if cfg.test:
-        trainer.test(module, datamodule=datamodule, ckpt_path=None if cfg.train else cfg.ckpt_path)
+    try:
+        if cfg.train:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        if cfg.test:
+            test_ckpt = None if cfg.train else cfg.ckpt_path
+            trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt)
+    except ConfigValueError as error:
+        # Datasets check sizes (ways, shots) against their classes once the data is loaded.
+        raise error.under("dataset") from None
     metric = cfg.get("optimized_metric")
     value = trainer.callback_metrics.get(metric) if metric else None
     return None if value is None else float(value)

@@ -1,4 +1,4 @@
-"""The Lightning side of every task distribution: meta-batches for training, fixed tasks for eval."""
+"""The Lightning side of every task distribution: meta-batches to train on, fixed tasks to score."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ class TaskDataModule(pl.LightningDataModule, ABC):
     def __init__(
         self,
         meta_batch_size: int = 5,
-        train_schedule: InnerSchedule = InnerSchedule(5, 10),
-        eval_schedule: InnerSchedule = InnerSchedule(50, 5),
+        train_schedule: InnerSchedule = InnerSchedule(steps=5, batch_size=10),  # noqa: B008
+        eval_schedule: InnerSchedule = InnerSchedule(steps=50, batch_size=5),  # noqa: B008
         tail_size: int = 0,
         num_val_tasks: int = 100,
         num_test_tasks: int = 1000,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,7 +60,9 @@ class SineWaves(TaskDataModule):
     def sample_eval_task(self, split: str, generator: torch.Generator) -> Task:
         return self.task(generator, query_x=self.grid, tail_size=0)
 
-    def task(self, generator: torch.Generator, query_x: torch.Tensor | None, tail_size: int) -> Task:
+    def task(
+        self, generator: torch.Generator, query_x: torch.Tensor | None, tail_size: int
+    ) -> Task:
         """`shots` support points; queries on `query_x` or, if None, `tail_size` random points."""
         amplitude, phase = self.sample_wave(generator)
         support_x = self.sample_x(self.shots, generator)
@@ -86,9 +88,18 @@ class SineWaves(TaskDataModule):
         for i, axis in enumerate(axes[0]):
             grid = task["query_inputs"][i, :, 0]
             axis.plot(grid, task["query_targets"][i, :, 0], "k", label="true function")
-            axis.scatter(task["support_inputs"][i, :, 0], task["support_targets"][i, :, 0], c="k", marker="^", zorder=3, label="support points")
+            axis.scatter(
+                task["support_inputs"][i, :, 0],
+                task["support_targets"][i, :, 0],
+                c="k",
+                marker="^",
+                zorder=3,
+                label="support points",
+            )
             for steps, prediction in predictions.items():
-                label = "before adaptation" if steps == 0 else f"after {steps} step{'s' * (steps > 1)}"
+                label = (
+                    "before adaptation" if steps == 0 else f"after {steps} step{'s' * (steps > 1)}"
+                )
                 axis.plot(grid, prediction[i, :, 0].cpu(), label=label)
             axis.set_xlabel("x")
         axes[0][0].legend(fontsize="small")

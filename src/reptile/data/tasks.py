@@ -100,7 +100,9 @@ class TrainTasks(Dataset):
     def task(self, index: int) -> Task:
         generator = task_generator(self.seed, "train", index)
         task = self.distribution.sample_train_task(generator, self.tail_size)
-        task["batch_index"] = inner_batch_index(len(task["support_targets"]), self.schedule, generator)
+        task["batch_index"] = inner_batch_index(
+            len(task["support_targets"]), self.schedule, generator
+        )
         return task
 
 
@@ -128,5 +130,7 @@ class EvalTasks(Dataset):
     def __getitem__(self, item: int) -> Task:
         generator = task_generator(self.seed, self.split, self.indices[item])
         task = self.distribution.sample_eval_task(self.split, generator)
-        task["batch_index"] = inner_batch_index(len(task["support_targets"]), self.schedule, generator)
+        task["batch_index"] = inner_batch_index(
+            len(task["support_targets"]), self.schedule, generator
+        )
         return task
