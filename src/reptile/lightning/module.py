@@ -11,6 +11,7 @@ from torch import nn
 from reptile.algorithms.base import Algorithm, clones
 from reptile.algorithms.inner_loop import InnerLoop, broadcast, task_mean
 from reptile.algorithms.optimizers import Params, State
+from reptile.config import ConfigValueError
 from reptile.data.tasks import Task
 from reptile.lightning.metrics import MeanWithConfidence
 
@@ -40,7 +41,10 @@ class MetaLearner(pl.LightningModule):
         self.algorithm = algorithm
         self.loss = loss
         self.score_names = {"before": score_before, "after": score_after}
-        self.inner = InnerLoop(model, loss, algorithm.make_inner_optimizer())
+        try:
+            self.inner = InnerLoop(model, loss, algorithm.make_inner_optimizer(), algorithm.backend)
+        except ConfigValueError as error:  # a backend this model cannot run on
+            raise error.under("algorithm") from None
         self.inner_state: State | None = None  # carried across meta-iterations ("carry")
         self.scores = nn.ModuleDict(
             {name: MeanWithConfidence() for name in self.score_names.values() if name}
