@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,10 @@ from reptile.config import ConfigValueError, require, require_int
 from reptile.lightning.callbacks import AtomicCheckpointIO
 from reptile.lightning.module import MetaLearner
 
-log = logging.getLogger(__name__)
+# Lightning's advice for manual optimization does not apply: φ after the outer step, with the
+# step counter that goes with it, is exactly the state a resumed run needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def sweep_group() -> str | None:
@@ -65,6 +68,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, MetaLearner, pl.Trai
         score_before=datamodule.score_before,
         score_after=datamodule.score_after,
     )
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
     loggers = [instantiate_group(cfg.logger, name) for name in cfg.get("logger") or {}]
     callbacks = [instantiate_group(cfg.callbacks, name) for name in cfg.get("callbacks") or {}]
     trainer = instantiate_group(

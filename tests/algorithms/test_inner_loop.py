@@ -50,7 +50,9 @@ def loop_adapt(model, task, index, optimizer_factory, optimizer_state=None):
 def test_vectorised_inner_loop_equals_per_task_loop(name: str) -> None:
     model = MLP()
     task = sine_tasks()
-    algorithm = Reptile(inner_optimizer=name, inner_lr=0.01, inner_steps=STEPS, inner_batch_size=BATCH)
+    algorithm = Reptile(
+        inner_optimizer=name, inner_lr=0.01, inner_steps=STEPS, inner_batch_size=BATCH
+    )
     inner = InnerLoop(model, "mse", algorithm.make_inner_optimizer())
     phi = {n: p.detach() for n, p in model.named_parameters()}
     params = clones(phi, TASKS)

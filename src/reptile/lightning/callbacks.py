@@ -66,11 +66,10 @@ class AdaptationPlot(pl.Callback):
         tasks = datamodule.eval_tasks("test")
         task = collate_tasks([tasks[i] for i in range(min(self.num_tasks, len(tasks)))])
         task = {key: value.to(pl_module.device) for key, value in task.items()}
-        steps = sorted(
-            {0, min(1, pl_module.algorithm.eval_inner_steps), pl_module.algorithm.eval_inner_steps}
-        )
+        last = pl_module.algorithm.eval_inner_steps
         with torch.no_grad():
-            predictions = pl_module.adapted_predictions(task, steps)
+            params = pl_module.adapted_params(task, sorted({0, min(1, last), last}))
+            predictions = {steps: pl_module.predict(p, task) for steps, p in params.items()}
         if not datamodule.plot_adaptation(predictions, task, self.path):
             return
         for logger in trainer.loggers:

@@ -36,19 +36,34 @@ class MetaLearner(pl.LightningModule):
         score_after: str = "score",
     ) -> None:
         super().__init__()
+        self.save_hyperparameters(ignore=["model", "algorithm"])
         self.automatic_optimization = False
+        # The composed config of the run, saved in checkpoints so that `reptile.adaptation`
+        # can rebuild the model and the algorithm from a checkpoint alone.
+        self.run_config: dict[str, Any] | None = None
         self.model = model
         self.algorithm = algorithm
         self.loss = loss
-        self.score_names = {"before": score_before, "after": score_after}
         try:
             self.inner = InnerLoop(model, loss, algorithm.make_inner_optimizer(), algorithm.backend)
         except ConfigValueError as error:  # a backend this model cannot run on
             raise error.under("algorithm") from None
         self.inner_state: State | None = None  # carried across meta-iterations ("carry")
-        self.scores = nn.ModuleDict(
-            {name: MeanWithConfidence() for name in self.score_names.values() if name}
-        )
+        self.score_plan = self.plan_scores(score_before, score_after)
+        self.scores = nn.ModuleDict({name: MeanWithConfidence() for name in self.score_plan})
+
+    def plan_scores(self, before: str | None, after: str) -> dict[str, tuple[int, bool]]:
+        """Score name → (inner steps, transductive). With batch norm the two ways of scoring
+        queries differ; the one not configured is reported too, under a suffixed name (adapting
+        is the expensive part and is shared)."""
+        steps, transductive = self.algorithm.eval_inner_steps, self.algorithm.transductive
+        plan = {after: (steps, transductive)}
+        if before:
+            plan[before] = (0, transductive)
+        if self.inner.couples_batch:
+            other = "non_transductive" if transductive else "transductive"
+            plan[f"{after}_{other}"] = (steps, not transductive)
+        return plan
 
     def phi(self) -> Params:
         return {name: p.detach() for name, p in self.model.named_parameters()}
@@ -118,25 +133,31 @@ class MetaLearner(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["inner_state"] = self.inner_state
+        checkpoint["run_config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.inner_state = checkpoint.get("inner_state")
 
     # --- evaluation -----------------------------------------------------------------------
 
-    def adapted_predictions(self, task: Task, steps: list[int]) -> dict[int, torch.Tensor]:
-        """Query predictions after each number of inner steps in `steps` (sorted), from φ."""
+    def adapted_params(self, task: Task, steps: list[int]) -> dict[int, Params]:
+        """Per-task parameters after each number of inner steps in `steps` (sorted), from φ with
+        a fresh inner-optimizer state."""
         params = clones(self.phi(), len(task["support_targets"]))
         state = self.inner.optimizer.init(params)
-        predictions, done = {}, 0
+        snapshots, done = {}, 0
         for target in steps:
             for step in range(done, target):
                 params, state, _ = self.inner.step(params, state, task, step)
-            done = target
-            predictions[target] = self.inner.predict(
-                params, task["support_inputs"], task["query_inputs"], self.algorithm.transductive
-            )
-        return predictions
+            snapshots[target], done = params, target
+        return snapshots
+
+    def predict(self, params: Params, task: Task, transductive: bool | None = None) -> torch.Tensor:
+        if transductive is None:
+            transductive = self.algorithm.transductive
+        return self.inner.predict(
+            params, task["support_inputs"], task["query_inputs"], transductive
+        )
 
     def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-task score: mean squared error, or accuracy for classification."""
@@ -145,13 +166,11 @@ class MetaLearner(pl.LightningModule):
         return (predictions.argmax(-1) == targets).float().mean(1)
 
     def evaluation_step(self, task: Task) -> None:
-        steps = {"before": 0, "after": self.algorithm.eval_inner_steps}
-        wanted = {when: steps[when] for when, name in self.score_names.items() if name}
-        predictions = self.adapted_predictions(task, sorted(set(wanted.values())))
-        for when, step in wanted.items():
-            self.scores[self.score_names[when]].update(
-                self.score(predictions[step], task["query_targets"])
-            )
+        steps = sorted({step for step, _ in self.score_plan.values()})
+        params = self.adapted_params(task, steps)
+        for name, (step, transductive) in self.score_plan.items():
+            predictions = self.predict(params[step], task, transductive)
+            self.scores[name].update(self.score(predictions, task["query_targets"]))
 
     def log_scores(self, stage: str) -> None:
         for name, metric in self.scores.items():
