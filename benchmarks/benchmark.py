@@ -267,16 +267,24 @@ def compare(setting: Setting, rounds: int, device: torch.device, memory: bool) -
     baseline = copy.deepcopy(learner.model)
     outer = learner.algorithm.make_outer_optimizer(list(learner.model.parameters()))
     ours, theirs = project_step(learner, outer), loop_step(baseline, setting)
-    ours(tasks[0]), theirs(tasks[0])  # warm-up, on the same task for both
+    pairs = list(zip(learner.model.parameters(), baseline.parameters(), strict=True))
+
+    def difference() -> float:
+        return max((p - q).abs().max().item() for p, q in pairs) / max(
+            q.abs().max().item() for _, q in pairs
+        )
+
+    # The check: one meta-iteration from the same φ on the same tasks (also the warm-up). Over
+    # many iterations float rounding compounds, fastest with Adam, whose first steps are about
+    # lr·sign(g): near-zero gradient entries flip sign on rounding (the vmap path, too).
+    ours(tasks[0]), theirs(tasks[0])
+    error = difference()
+    if error > 1e-4:
+        raise AssertionError(f"{setting.name}: φ differs from the per-task loop's by {error:.2e}")
     times: dict[str, list[float]] = {"project": [], "loop": []}
     for task in tasks[1:]:
         times["project"].append(timed(ours, task, device))
         times["loop"].append(timed(theirs, task, device))
-    pairs = list(zip(learner.model.parameters(), baseline.parameters(), strict=True))
-    scale = max(q.abs().max().item() for _, q in pairs)
-    error = max((p - q).abs().max().item() for p, q in pairs) / scale
-    if error > 1e-3:
-        raise AssertionError(f"{setting.name}: φ differs from the per-task loop's by {error:.2e}")
     flops = count_flops(ours, tasks[0])
     mib = {w: peak_memory(setting, w, device) if memory else float("nan") for w in times}
     return Result(
@@ -368,7 +376,7 @@ def main() -> None:
         f"matmul peak {peak / 1e9:.0f} GFLOP/s; {rounds} rounds, medians.",
         "",
         "| setting | inner | ours (it/s) | per-task loop (it/s) | ratio | GFLOP/it | FLOP eff. "
-        "| peak MiB ours | peak MiB loop | max |Δφ| / max |φ| |",
+        "| peak MiB ours | peak MiB loop | Δφ vs loop (1 it.) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
