@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map_only
 
 from reptile.algorithms.folded import folded_forward
-from reptile.algorithms.optimizers import InnerOptimizer, Params, State
+from reptile.algorithms.optimizers import InnerOptimizer, Params, State, in_functorch_transform
 from reptile.config import require, require_choice
 from reptile.data.tasks import Task
 
@@ -85,7 +85,7 @@ class InnerLoop:
         self, params: Params, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[Params, torch.Tensor]:
         """Per-task gradients of the loss and the losses [tasks], for inputs [tasks, batch, ...]."""
-        if self.folded is None or torch._C._functorch.peek_interpreter_stack() is not None:
+        if self.folded is None or in_functorch_transform():
             return self.vmap_grad(params, inputs, targets)
         with torch.enable_grad():
             leaves = {name: p.detach().requires_grad_() for name, p in params.items()}

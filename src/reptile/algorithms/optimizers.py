@@ -18,6 +18,20 @@ Params = dict[str, torch.Tensor]
 State = dict[str, Any]
 
 
+def in_functorch_transform() -> bool:
+    """Inside `torch.func.grad`/`vmap` (MAML differentiating through the inner loop)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def each(op: str, tensors: list[list[torch.Tensor]], *scalars: Any, **options: Any) -> list:
+    """`torch.<op>` on every tuple of `tensors`: one `torch._foreach_<op>` call, except inside
+    torch.func transforms, which have no batching rules for the foreach ops."""
+    if in_functorch_transform():
+        function = getattr(torch, op)
+        return [function(*args, *scalars, **options) for args in zip(*tensors, strict=True)]
+    return getattr(torch, f"_foreach_{op}")(*tensors, *scalars, **options)
+
+
 class InnerOptimizer(Protocol):
     def init(self, params: Params) -> State: ...
 
@@ -33,8 +47,8 @@ class SGD:
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         names = list(params)
-        stepped = torch._foreach_add(
-            [params[n] for n in names], [grads[n] for n in names], alpha=-self.lr
+        stepped = each(
+            "add", [[params[n] for n in names], [grads[n] for n in names]], alpha=-self.lr
         )
         return dict(zip(names, stepped, strict=True)), state
 
@@ -58,14 +72,15 @@ class Adam:
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         names = list(params)
         g = [grads[n] for n in names]
-        exp_avg = torch._foreach_lerp([state["exp_avg"][n] for n in names], g, 1 - beta1)
-        # Out-of-place first, so the carried state is never written; in place on new tensors after.
-        exp_avg_sq = torch._foreach_mul([state["exp_avg_sq"][n] for n in names], beta2)
-        torch._foreach_addcmul_(exp_avg_sq, g, g, value=1 - beta2)
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, self.eps)
-        stepped = torch._foreach_addcdiv([params[n] for n in names], exp_avg, denom, -step_size)
+        # Out of place throughout: the state may be shared, or broadcast against the per-task
+        # gradients (the result then takes the tasks' shape).
+        exp_avg = each("lerp", [[state["exp_avg"][n] for n in names], g], 1 - beta1)
+        decayed = each("mul", [[state["exp_avg_sq"][n] for n in names]], beta2)
+        exp_avg_sq = each("addcmul", [decayed, g, g], value=1 - beta2)
+        denom = each(
+            "add", [each("div", [each("sqrt", [exp_avg_sq])], bias_correction2_sqrt)], self.eps
+        )
+        stepped = each("addcdiv", [[params[n] for n in names], exp_avg, denom], value=-step_size)
         return dict(zip(names, stepped, strict=True)), {
             "step": step,
             "exp_avg": dict(zip(names, exp_avg, strict=True)),
