@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 def test_both_implementations_reach_the_same_phi(optimizer: str) -> None:
     setting = replace(benchmark.SETTINGS[0], inner_optimizer=optimizer, inner_steps=2)
     result = benchmark.compare(setting, rounds=1, device=CPU, memory=False)
-    assert result.max_error < 1e-4
+    assert result.max_error < 1e-4 and result.share_off == 0
     assert result.project > 0 and result.loop > 0 and result.flops > 0
 
 
@@ -40,5 +40,6 @@ def test_a_wrong_baseline_fails_the_check(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_memory_probe_reports_a_size() -> None:
     setting = replace(benchmark.SETTINGS[4], meta_batch=1, inner_steps=1)
-    mib = benchmark.peak_memory(setting, "project", CPU)
-    assert math.isfinite(mib) and mib >= 0
+    mib = benchmark.peak_memory(setting, CPU)
+    assert set(mib) == {"project", "loop"}
+    assert all(math.isfinite(value) and value >= 0 for value in mib.values())
