@@ -151,7 +151,7 @@ def folded_forward(model: nn.Module) -> FoldedForward | None:
     """
     try:
         graph = fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 — any untraceable model simply keeps vmap
+    except Exception:  # any model that fx cannot trace simply keeps vmap
         return None
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
