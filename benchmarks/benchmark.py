@@ -3,8 +3,9 @@
     python benchmarks/benchmark.py [--quick] [--out benchmarks/results-cpu.md]
 
 For every setting both implementations start from the same φ and run the same meta-batches,
-alternating round by round so that load from other processes hits both alike; after the timed
-rounds the run checks that they reached the same φ. Reported:
+alternating round by round so that load from other processes hits both alike. Before timing, the
+run checks that one meta-iteration of each, from the same φ on the same tasks, reaches the same
+φ (in float64; see `phi_difference` for why not float32). Reported:
 - meta-iterations/s (median over the rounds) of the project's step and of the per-task loop;
 - the ratio;
 - peak memory of one meta-iteration (GPU: `max_memory_allocated`; CPU: the rise of the peak
@@ -289,34 +290,36 @@ class Result:
     project_mib: float
     loop_mib: float
     max_error: float
-    share_off: float
+
+
+def phi_difference(setting: Setting, task: Task, device: torch.device) -> float:
+    """max |Δφ| / max |φ| after one meta-iteration of both from the same φ on the same tasks,
+    in float64. In float32 the paths differ by rounding (different kernels), which Adam turns
+    into whole steps: its first steps are about lr·sign(g), and a few gradient entries are pure
+    rounding noise (sums that batch norm makes zero); from there the runs drift apart, vmap
+    against the loop too. In float64 the same code must agree to many digits."""
+    learner = project_learner(setting, device)
+    learner.model.double()
+    baseline = copy.deepcopy(learner.model)
+    outer = learner.algorithm.make_outer_optimizer(list(learner.model.parameters()))
+    task = {k: v.double() if v.is_floating_point() else v for k, v in task.items()}
+    project_step(learner, outer)(task)
+    loop_step(baseline, setting)(task)
+    pairs = list(zip(learner.model.parameters(), baseline.parameters(), strict=True))
+    scale = max(q.abs().max().item() for _, q in pairs)
+    return max((p - q).abs().max().item() for p, q in pairs) / scale
 
 
 def compare(setting: Setting, rounds: int, device: torch.device, memory: bool) -> Result:
     tasks = random_tasks(setting, rounds + 1, device)
+    error = phi_difference(setting, tasks[0], device)
+    if error > 1e-9:
+        raise AssertionError(f"{setting.name}: φ differs from the per-task loop's by {error:.2e}")
     learner = project_learner(setting, device)
     baseline = copy.deepcopy(learner.model)
     outer = learner.algorithm.make_outer_optimizer(list(learner.model.parameters()))
     ours, theirs = project_step(learner, outer), loop_step(baseline, setting)
-    pairs = list(zip(learner.model.parameters(), baseline.parameters(), strict=True))
-
-    def difference() -> tuple[float, float]:
-        """Largest |Δφ| and the share of entries off by more than 1e-4, relative to max |φ|."""
-        scale = max(q.abs().max().item() for _, q in pairs)
-        gaps = torch.cat([(p - q).abs().flatten() for p, q in pairs]) / scale
-        return gaps.max().item(), (gaps > 1e-4).float().mean().item()
-
-    # The check: one meta-iteration from the same φ on the same tasks (also the warm-up). Adam's
-    # first steps are about lr·sign(g), so the few gradient entries that are pure rounding noise
-    # (sums that batch norm makes zero) may step either way, in the vmap path too: with Adam up to
-    # 0.1 % of the entries may differ. Over many iterations such differences compound.
-    ours(tasks[0]), theirs(tasks[0])
-    error, share = difference()
-    if share > (1e-3 if setting.inner_optimizer == "adam" else 0.0):
-        raise AssertionError(
-            f"{setting.name}: φ differs from the per-task loop's by up to {error:.2e} "
-            f"in {share:.2%} of the entries"
-        )
+    ours(tasks[0]), theirs(tasks[0])  # warm-up
     times: dict[str, list[float]] = {"project": [], "loop": []}
     for task in tasks[1:]:
         times["project"].append(timed(ours, task, device))
@@ -332,7 +335,6 @@ def compare(setting: Setting, rounds: int, device: torch.device, memory: bool) -
         mib["project"],
         mib["loop"],
         error,
-        share,
     )
 
 
@@ -416,7 +418,7 @@ def main() -> None:
         f"matmul peak {peak / 1e9:.0f} GFLOP/s; {rounds} rounds, medians.",
         "",
         "| setting | inner | ours (it/s) | per-task loop (it/s) | ratio | GFLOP/it | FLOP eff. "
-        "| peak MiB ours | peak MiB loop | Δφ vs loop after 1 it.: max / entries > 1e-4 |",
+        "| peak MiB ours | peak MiB loop | Δφ vs loop, 1 it. float64 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
@@ -427,7 +429,7 @@ def main() -> None:
             f"| {setting.inner_optimizer} | {r.project:.1f} | {r.loop:.1f} "
             f"| {r.project / r.loop:.1f}× | {r.flops / 1e9:.3f} "
             f"| {r.flops * r.project / peak:.0%} | {r.project_mib:.0f} | {r.loop_mib:.0f} "
-            f"| {r.max_error:.1e} / {r.share_off:.2%} |"
+            f"| {r.max_error:.0e} |"
         )
         lines.append(line)
         print(line, flush=True)

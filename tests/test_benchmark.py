@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 def test_both_implementations_reach_the_same_phi(optimizer: str) -> None:
     setting = replace(benchmark.SETTINGS[0], inner_optimizer=optimizer, inner_steps=2)
     result = benchmark.compare(setting, rounds=1, device=CPU, memory=False)
-    assert result.max_error < 1e-4 and result.share_off == 0
+    assert result.max_error < 1e-9
     assert result.project > 0 and result.loop > 0 and result.flops > 0
 
 
