@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from reptile.algorithms.inner_loop import InnerLoop, broadcast
+from reptile.algorithms.inner_loop import BACKENDS, InnerLoop, broadcast
 from reptile.algorithms.optimizers import SGD, Adam, InnerOptimizer, Params, State
 from reptile.config import require, require_choice, require_int, require_positive
 from reptile.data.tasks import InnerSchedule, Task
@@ -49,6 +49,8 @@ class Algorithm(ABC):
     eval_batch_size: int = 5
     transductive: bool = False
     tail_shots: int = 0  # held-out samples per class for a separate final mini-batch
+    # How the inner loop computes per-task gradients (InnerLoop): auto, folded or vmap.
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         require_int("inner_steps", self.inner_steps, 1)
@@ -77,6 +79,7 @@ class Algorithm(ABC):
             isinstance(self.transductive, bool), "transductive", self.transductive, "true or false"
         )
         require_int("tail_shots", self.tail_shots, 0)
+        require_choice("backend", self.backend, BACKENDS)
 
     @property
     def train_schedule(self) -> InnerSchedule:

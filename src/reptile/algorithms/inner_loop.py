@@ -1,7 +1,9 @@
 """The inner loop: k optimizer steps from φ on every task of a batch at once.
 
 Per-task "clones" of the model are batched parameter tensors ([tasks, ...]); the per-task gradient
-is `vmap(grad(loss))` over them. There is no deep copy and no Python loop over tasks.
+is `vmap(grad(loss))` over them, or, on the "folded" backend, one autograd pass through a forward
+that folds the tasks into batched matrix products and grouped convolutions (algorithms/folded.py).
+There is no deep copy and no Python loop over tasks.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map_only
 
-from reptile.algorithms.optimizers import InnerOptimizer, Params, State
+from reptile.algorithms.folded import folded_forward
+from reptile.algorithms.optimizers import InnerOptimizer, Params, State, in_functorch_transform
+from reptile.config import require, require_choice
 from reptile.data.tasks import Task
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": F.mse_loss,
     "cross_entropy": F.cross_entropy,
 }
+BACKENDS = ("auto", "folded", "vmap")
 
 
 def broadcast(tree: State | Params, tasks: int) -> State | Params:
@@ -40,13 +45,30 @@ def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class InnerLoop:
-    """Adapts batched parameters with `optimizer` on the mini-batches a task's schedule lists."""
+    """Adapts batched parameters with `optimizer` on the mini-batches a task's schedule lists.
 
-    def __init__(self, model: nn.Module, loss: str, optimizer: InnerOptimizer) -> None:
+    `backend`: "folded" computes the per-task gradients with the folded forward, "vmap" with
+    `vmap(grad)`; "auto" folds whenever the model's layers allow it. Both give the same results to
+    float rounding; folding is faster on CPU (benchmarks/). Inside a `torch.func` transform (MAML
+    differentiating through the inner loop) it is always vmap, which composes with them.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss: str, optimizer: InnerOptimizer, backend: str = "auto"
+    ) -> None:
+        require_choice("backend", backend, BACKENDS)
         self.model = model
         self.loss = LOSSES[loss]
         self.optimizer = optimizer
-        self.task_grad = vmap(grad_and_value(self.task_loss))
+        self.vmap_grad = vmap(grad_and_value(self.task_loss))
+        self.folded = None if backend == "vmap" else folded_forward(model)
+        require(
+            backend != "folded" or self.folded is not None,
+            "backend",
+            backend,
+            "auto or vmap for this model (folding supports Linear, Conv2d, BatchNorm2d without "
+            "running statistics, MaxPool2d, activations and flatten)",
+        )
         # Batch norm on batch statistics couples the samples of a batch: only then does scoring
         # each query beside the support set differ from scoring all queries at once.
         self.couples_batch = any(isinstance(m, _BatchNorm) for m in model.modules())
@@ -58,6 +80,21 @@ class InnerLoop:
         self, params: Params, inputs: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         return self.loss(self.forward(params, inputs), targets)
+
+    def task_grad(
+        self, params: Params, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[Params, torch.Tensor]:
+        """Per-task gradients of the loss and the losses [tasks], for inputs [tasks, batch, ...]."""
+        if self.folded is None or in_functorch_transform():
+            return self.vmap_grad(params, inputs, targets)
+        with torch.enable_grad():
+            leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+            outputs = self.folded(leaves, inputs)
+            losses = self.loss(outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none")
+            losses = losses.view(len(outputs), -1).mean(1)
+            # No value mixes two tasks, so the gradient of the sum is each task's own gradient.
+            grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+        return dict(zip(leaves, grads, strict=True)), losses.detach()
 
     def step(
         self, params: Params, state: State, task: Task, step: int
@@ -89,6 +126,8 @@ class InnerLoop:
         with the task's support set and only its own prediction is kept.
         """
         if transductive or not self.couples_batch:
+            if self.folded is not None:
+                return self.folded(params, query)
             return vmap(self.forward)(params, query)
 
         def one_query(

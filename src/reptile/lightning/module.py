@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from reptile.algorithms.base import Algorithm, clones
 from reptile.algorithms.inner_loop import InnerLoop, broadcast, task_mean
 from reptile.algorithms.optimizers import Params, State
+from reptile.config import ConfigValueError
 from reptile.data.tasks import Task
 from reptile.lightning.metrics import MeanWithConfidence
 
@@ -44,7 +45,10 @@ class MetaLearner(pl.LightningModule):
         self.model = model
         self.algorithm = algorithm
         self.loss = loss
-        self.inner = InnerLoop(model, loss, algorithm.make_inner_optimizer())
+        try:
+            self.inner = InnerLoop(model, loss, algorithm.make_inner_optimizer(), algorithm.backend)
+        except ConfigValueError as error:  # a backend this model cannot run on
+            raise error.under("algorithm") from None
         self.inner_state: State | None = None  # carried across meta-iterations ("carry")
         self.score_plan = self.plan_scores(score_before, score_after)
         self.scores = nn.ModuleDict({name: MeanWithConfidence() for name in self.score_plan})
