@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -76,6 +77,8 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 def check_run_settings(cfg: DictConfig, ckpt_path: str | None) -> None:
     require_int("seed", cfg.seed, 0)
+    if cfg.get("threads") is not None:
+        require_int("threads", cfg.threads, 1)
     require_int("trainer.max_steps", cfg.trainer.max_steps, 1 if cfg.train else 0)
     require(cfg.train or ckpt_path, "ckpt_path", cfg.ckpt_path, "a checkpoint when train=false")
 
@@ -94,6 +97,8 @@ def build(
 ) -> tuple[pl.LightningDataModule, MetaLearner, pl.Trainer]:
     """Every object of a run, checked before anything trains."""
     check_run_settings(cfg, ckpt_path)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
     algorithm = instantiate_group(cfg, "algorithm")
     datamodule = instantiate_group(cfg, "dataset")
     model = instantiate_group(cfg, "model")
