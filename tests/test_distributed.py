@@ -23,6 +23,8 @@ STATEFUL = (
     "algorithm.inner_optimizer=adam",
     "algorithm.inner_state=carry",
     "algorithm.inner_lr=0.01",
+    "algorithm.outer_optimizer=sgd",
+    "algorithm.meta_lr=1.0",
 )
 
 
