@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_process import TINY, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -14,16 +15,6 @@ SHARED = ROOT.parent / "shared"
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
-
-
-TINY_RUN = [
-    "trainer.max_steps=6",
-    "trainer.val_check_interval=3",
-    "dataset.num_val_tasks=4",
-    "dataset.num_test_tasks=8",
-    "dataset.eval_batch_tasks=4",
-    "algorithm.eval_inner_steps=3",
-]
 
 
 @pytest.fixture
@@ -39,25 +30,10 @@ def compose(tmp_path: Path):
     return _compose
 
 
-def run_train(*args: str, cwd: Path = ROOT, timeout: int = 300):
-    """`python train.py <args>` in a real process; returns the CompletedProcess."""
-    import subprocess
-    import sys
-
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**__import__("os").environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"},
-    )
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One short default run of `python train.py` (W&B offline), shared by the tests reading it."""
     run_dir = tmp_path_factory.mktemp("tiny_run")
-    result = run_train(*TINY_RUN, f"hydra.run.dir={run_dir}")
+    result = run(run_dir, *TINY, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN, run_train
+from train_process import TINY, run
 
 from reptile.config import ConfigValueError
 from reptile.train import build
@@ -30,7 +30,7 @@ def test_single_run_writes_results_plot_checkpoint_and_offline_wandb(tiny_run: P
 
 
 def test_same_seed_gives_same_results(tiny_run: Path, tmp_path: Path) -> None:
-    result = run_train(*TINY_RUN, "logger=none", f"hydra.run.dir={tmp_path}")
+    result = run(tmp_path, *TINY, "logger=none", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "results.json").read_text() == (tiny_run / "results.json").read_text()
 
@@ -39,8 +39,9 @@ def test_evaluating_the_checkpoint_reproduces_the_test_metrics(
     tiny_run: Path, tmp_path: Path
 ) -> None:
     checkpoint = tiny_run / "checkpoints" / "last.ckpt"
-    result = run_train(
-        *TINY_RUN,
+    result = run(
+        tmp_path,
+        *TINY,
         "logger=none",
         "train=false",
         f"ckpt_path={checkpoint}",
@@ -51,9 +52,10 @@ def test_evaluating_the_checkpoint_reproduces_the_test_metrics(
 
 
 def test_multirun_gives_each_job_its_directory_and_results(tmp_path: Path) -> None:
-    result = run_train(
+    result = run(
+        tmp_path,
         "-m",
-        *TINY_RUN,
+        *TINY,
         "logger=csv",
         "algorithm.inner_steps=1,2",
         "dataset.meta_batch_size=1,2",
@@ -102,7 +104,7 @@ def test_bad_input_is_one_line_naming_key_value_and_accepted(
 
 
 def test_bad_input_exits_nonzero_before_training_with_one_line(tmp_path: Path) -> None:
-    result = run_train("algorithm.inner_steps=0", f"hydra.run.dir={tmp_path}")
+    result = run(tmp_path, "algorithm.inner_steps=0", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: algorithm.inner_steps=0: expected an integer >= 1"
@@ -111,8 +113,8 @@ def test_bad_input_exits_nonzero_before_training_with_one_line(tmp_path: Path) -
 
 
 def test_divergence_stops_with_the_meta_iteration(tmp_path: Path) -> None:
-    result = run_train(
-        *TINY_RUN, "logger=none", "algorithm.inner_lr=1e30", f"hydra.run.dir={tmp_path}"
+    result = run(
+        tmp_path, *TINY, "logger=none", "algorithm.inner_lr=1e30", f"hydra.run.dir={tmp_path}"
     )
     assert result.returncode == 3
     last_line = result.stderr.strip().splitlines()[-1]

@@ -43,24 +43,31 @@ def command(*overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *overrides]
 
 
-def train(cwd: Path, *overrides: str, timeout: float = 240) -> str:
-    """Runs train.py to completion in `cwd`; returns its output (stdout and stderr)."""
+def run(cwd: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Runs train.py to its end in `cwd`; returns the finished process (output in stdout/stderr)."""
     # Its own session: a hung run is killed with the DDP ranks it started.
     process = subprocess.Popen(
         command(*overrides),
         cwd=cwd,
         env=environment(cwd),
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
     try:
-        output, _ = process.communicate(timeout=timeout)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise
-    assert process.returncode == 0, output[-4000:]
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def train(cwd: Path, *overrides: str, timeout: float = 240) -> str:
+    """Runs train.py, which must succeed; returns its output (stdout and stderr)."""
+    finished = run(cwd, *overrides, timeout=timeout)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, output[-4000:]
     return output
 
 
