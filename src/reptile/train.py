@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 from reptile.config import ConfigValueError, require, require_int
 from reptile.lightning.callbacks import AtomicCheckpointIO
+from reptile.lightning.launch import distributed_job, launch_ranks_as_jobs
 from reptile.lightning.module import MetaLearner
+from reptile.lightning.resume import ResumeState, wandb_run_id
+
+log = logging.getLogger(__name__)
 
 # Lightning's advice for manual optimization does not apply: φ after the outer step, with the
 # step counter that goes with it, is exactly the state a resumed run needs.
@@ -49,15 +56,49 @@ def instantiate_group(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         raise error.under(key) from None
 
 
-def check_run_settings(cfg: DictConfig) -> None:
+def resume_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path`; `last` names the last checkpoint of this run's directory, so that
+    `hydra.run.dir=<run> ckpt_path=last` continues a run in place (None: no checkpoint yet)."""
+    if cfg.ckpt_path != "last":
+        return cfg.ckpt_path
+    checkpointing = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    require(
+        checkpointing is not None,
+        "ckpt_path",
+        cfg.ckpt_path,
+        "a checkpoint path (`last` needs callbacks.model_checkpoint)",
+    )
+    path = Path(checkpointing.dirpath) / "last.ckpt"
+    if path.exists():
+        return str(path)
+    log.info("ckpt_path=last: no %s yet, starting from scratch", path)
+    return None
+
+
+def check_run_settings(cfg: DictConfig, ckpt_path: str | None) -> None:
     require_int("seed", cfg.seed, 0)
+    if cfg.get("threads") is not None:
+        require_int("threads", cfg.threads, 1)
     require_int("trainer.max_steps", cfg.trainer.max_steps, 1 if cfg.train else 0)
-    require(cfg.train or cfg.ckpt_path, "ckpt_path", cfg.ckpt_path, "a checkpoint when train=false")
+    require(cfg.train or ckpt_path, "ckpt_path", cfg.ckpt_path, "a checkpoint when train=false")
 
 
-def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, MetaLearner, pl.Trainer]:
+def instantiate_logger(cfg: DictConfig, name: str, ckpt_path: str | None) -> Any:
+    """Logger `name`; a W&B run resumed from a checkpoint continues the checkpoint's W&B run."""
+    run_id = None
+    if ckpt_path and issubclass(get_class(cfg.logger[name]._target_), WandbLogger):
+        run_id = wandb_run_id(ckpt_path)
+    options = {"id": run_id, "resume": "allow"} if run_id else {}
+    return instantiate_group(cfg.logger, name, **options)
+
+
+def build(
+    cfg: DictConfig, ckpt_path: str | None = None
+) -> tuple[pl.LightningDataModule, MetaLearner, pl.Trainer]:
     """Every object of a run, checked before anything trains."""
-    check_run_settings(cfg)
+    check_run_settings(cfg, ckpt_path)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
     algorithm = instantiate_group(cfg, "algorithm")
     datamodule = instantiate_group(cfg, "dataset")
     model = instantiate_group(cfg, "model")
@@ -69,24 +110,49 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, MetaLearner, pl.Trai
         score_after=datamodule.score_after,
     )
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    loggers = [instantiate_group(cfg.logger, name) for name in cfg.get("logger") or {}]
+    loggers = [instantiate_logger(cfg, name, ckpt_path) for name in cfg.get("logger") or {}]
     callbacks = [instantiate_group(cfg.callbacks, name) for name in cfg.get("callbacks") or {}]
     trainer = instantiate_group(
-        cfg, "trainer", logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+        cfg,
+        "trainer",
+        logger=loggers or False,
+        callbacks=[*callbacks, ResumeState()],
+        plugins=[AtomicCheckpointIO()],
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return datamodule, module, trainer
 
 
+def finish_wandb_runs(loggers: list[Any]) -> None:
+    """End this job's W&B run: WandbLogger leaves it open, and the next job of a multirun in the
+    same process (basic or joblib launcher) would otherwise log into it."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):  # on ranks > 0 a no-op stand-in
+            logger.experiment.finish()
+
+
 def run(cfg: DictConfig) -> float | None:
     """Fit and test as `cfg` says; returns `cfg.optimized_metric` for hyperparameter searches."""
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule, module, trainer = build(cfg)
-    if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    if cfg.test:
-        trainer.test(module, datamodule=datamodule, ckpt_path=None if cfg.train else cfg.ckpt_path)
+    launch_ranks_as_jobs()
+    ckpt_path = resume_path(cfg)
+    metrics: dict[str, Any] = {}  # testing replaces the trainer's metrics: collect each stage's
+    with distributed_job():
+        datamodule, module, trainer = build(cfg, ckpt_path)
+        try:
+            if cfg.train:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+                metrics.update(trainer.callback_metrics)
+            if cfg.test:
+                test_ckpt = None if cfg.train else ckpt_path
+                trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt)
+                metrics.update(trainer.callback_metrics)
+        except ConfigValueError as error:
+            # Datasets check sizes (ways, shots, devices) once their data and ranks are known.
+            raise error.under("dataset") from None
+        finally:
+            finish_wandb_runs(trainer.loggers)
     metric = cfg.get("optimized_metric")
-    value = trainer.callback_metrics.get(metric) if metric else None
+    value = metrics.get(metric) if metric else None
     return None if value is None else float(value)

@@ -7,11 +7,18 @@ from dataclasses import dataclass
 from reptile.algorithms.base import Algorithm, MetaStep, clones
 from reptile.algorithms.inner_loop import InnerLoop
 from reptile.algorithms.optimizers import Params, State
+from reptile.config import require
 from reptile.data.tasks import Task
 
 
 @dataclass(frozen=True)
 class Reptile(Algorithm):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Tail samples would be held out of every task and never used: a separate tail is an
+        # option of the algorithms that evaluate one (FOMAML, MAML).
+        require(self.tail_shots == 0, "tail_shots", self.tail_shots, "0 (Reptile uses no tail)")
+
     def meta_gradient(self, inner: InnerLoop, phi: Params, state: State, task: Task) -> MetaStep:
         tasks = len(task["support_targets"])
         adapted, state, losses = inner.adapt(clones(phi, tasks), state, task, self.inner_steps)

@@ -20,11 +20,15 @@ def write_atomically(path: Path, write: Any) -> None:
     mid-write, sees the old file or the new one, never a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a failed write leaves no partial file behind
+        raise
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

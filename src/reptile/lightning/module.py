@@ -7,6 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from reptile.algorithms.base import Algorithm, clones
 from reptile.algorithms.inner_loop import InnerLoop, broadcast, task_mean
@@ -80,12 +81,16 @@ class MetaLearner(pl.LightningModule):
         step = self.algorithm.meta_gradient(
             self.inner, self.phi(), self.initial_inner_state(tasks), task
         )
-        gradient = self.mean_over_ranks(step.gradient)
-        if self.algorithm.inner_state == "carry":
-            self.inner_state = self.mean_over_ranks(task_mean(step.state))
-        losses = self.mean_over_ranks(
-            {"first": step.losses[0].mean(), "last": step.losses[-1].mean()}
+        carry = self.algorithm.inner_state == "carry"
+        gradient, state, losses = self.mean_over_ranks(
+            (
+                step.gradient,
+                task_mean(step.state) if carry else None,
+                {"first": step.losses[0].mean(), "last": step.losses[-1].mean()},
+            )
         )
+        if carry:
+            self.inner_state = state
         self.check_finite(losses["first"], losses["last"], *gradient.values())
 
         optimizer = self.optimizers()
@@ -105,9 +110,22 @@ class MetaLearner(pl.LightningModule):
         )
 
     def mean_over_ranks(self, tree: Any) -> Any:
+        """Every tensor in `tree` averaged over the DDP ranks, by one all-reduce of all of them.
+
+        Each rank holds the mean over its equal share of the meta-batch, so the mean of the ranks'
+        means is the mean over all tasks. Non-tensor leaves (Adam's step count) agree on all ranks.
+        """
         if self.trainer.world_size == 1:
             return tree
-        return self.trainer.strategy.reduce(tree, reduce_op="mean")
+        leaves, spec = tree_flatten(tree)
+        tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        # `strategy.reduce` passes anything but a single tensor through unreduced: flatten.
+        flat = torch.cat([leaves[i].detach().reshape(-1) for i in tensors])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
+        chunks = flat.split([leaves[i].numel() for i in tensors])
+        for i, chunk in zip(tensors, chunks, strict=True):
+            leaves[i] = chunk.view(leaves[i].shape).to(leaves[i].dtype)
+        return tree_unflatten(leaves, spec)
 
     def check_finite(
         self, loss_first: torch.Tensor, loss_last: torch.Tensor, *tensors: torch.Tensor
