@@ -241,8 +241,8 @@ def sampled_peak(step: Callable[[Task], None], task: Task) -> int:
     return max(peak[0], resident_bytes()) - before
 
 
-def peak_memory_here(setting: Setting, device: torch.device) -> dict[str, float]:
-    """Peak memory (MiB) that one meta-iteration adds, for the project's step and the loop."""
+def peak_memory_here(setting: Setting, device: torch.device, loop: bool) -> dict[str, float]:
+    """Peak memory (MiB) that one meta-iteration adds, for the project's step (and the loop)."""
     if device.type == "cpu":
         # Every block of 64 KiB or more straight from the OS and back on free, so the resident
         # set follows the live tensors (glibc otherwise keeps freed blocks, and raises the bar).
@@ -250,7 +250,9 @@ def peak_memory_here(setting: Setting, device: torch.device) -> dict[str, float]
     task = random_tasks(setting, 1, device)[0]
     learner = project_learner(setting, device)
     outer = learner.algorithm.make_outer_optimizer(list(learner.model.parameters()))
-    steps = {"project": project_step(learner, outer), "loop": loop_step(learner.model, setting)}
+    steps = {"project": project_step(learner, outer)}
+    if loop:
+        steps["loop"] = loop_step(learner.model, setting)
     peaks = {}
     for which, step in steps.items():
         step(task)  # warm-up: one-time allocations are not the step's
@@ -266,11 +268,11 @@ def peak_memory_here(setting: Setting, device: torch.device) -> dict[str, float]
     return peaks
 
 
-def peak_memory(setting: Setting, device: torch.device) -> dict[str, float]:
+def peak_memory(setting: Setting, device: torch.device, loop: bool = True) -> dict[str, float]:
     """On CPU in a fresh process, whose heap holds nothing of the other settings."""
     if device.type == "cuda":
-        return peak_memory_here(setting, device)
-    probe = json.dumps(setting.__dict__)
+        return peak_memory_here(setting, device, loop)
+    probe = json.dumps({"setting": setting.__dict__, "loop": loop})
     threads = str(torch.get_num_threads())
     out = subprocess.run(
         [sys.executable, __file__, "--memory-probe", probe, "--threads", threads],
@@ -390,9 +392,8 @@ def memory_table(device: torch.device, quick: bool) -> list[str]:
         points = [(n, 5) for n in batches] + [(5, k) for k in ks if k != 5]
         for n, k in points:
             setting = replace(base, meta_batch=n, inner_steps=k, algorithm=algorithm)
-            lines.append(
-                f"| {algorithm} | {n} | {k} | {peak_memory(setting, device)['project']:.0f} |"
-            )
+            mib = peak_memory(setting, device, loop=False)["project"]
+            lines.append(f"| {algorithm} | {n} | {k} | {mib:.0f} |")
     return lines
 
 
@@ -403,15 +404,23 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory table")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
-        print(json.dumps(peak_memory_here(Setting(**json.loads(args.memory_probe)), device)))
+        probe = json.loads(args.memory_probe)
+        print(json.dumps(peak_memory_here(Setting(**probe["setting"]), device, probe["loop"])))
         return
 
+    if args.memory_only:
+        memory = memory_table(device, args.quick)
+        print("\n".join(memory))
+        if args.out:
+            args.out.write_text("\n".join(memory) + "\n")
+        return
     rounds = args.rounds or (3 if args.quick else 7)
     settings = SETTINGS if not args.quick else [SETTINGS[i] for i in (0, 2, 4, 5)]
     peak = matmul_flops(device)
