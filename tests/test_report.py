@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_RUN, run_train
+from train_process import ROOT, TINY, run
 
 from reptile.report import main
 
@@ -17,9 +17,10 @@ from reptile.report import main
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four tiny sine jobs: FOMAML and MAML, each with a shared and a separate tail."""
     directory = tmp_path_factory.mktemp("sweep")
-    result = run_train(
+    result = run(
+        directory,
         "-m",
-        *TINY_RUN,
+        *TINY,
         "logger=none",
         "algorithm=fomaml,maml",
         "algorithm.tail_shots=0,3",
