@@ -55,7 +55,7 @@ class InnerLoop:
     `compile`: run `adapt` through `torch.compile`, all k steps as one graph (opt-in: the first
     meta-iteration compiles for a minute or more without a warm inductor cache). Worth it where
     the per-op dispatch dominates (small models such as the sine MLP; benchmarks/). Evaluation
-    (`step`) and MAML (inside `torch.func` transforms) stay uncompiled.
+    (`step`) stays uncompiled; MAML, which differentiates through its own loop, refuses it.
     """
 
     def __init__(
@@ -127,7 +127,7 @@ class InnerLoop:
         self, params: Params, state: State, task: Task, steps: int
     ) -> tuple[Params, State, torch.Tensor]:
         """`steps` optimizer steps: the adapted parameters, the state, losses [steps, tasks]."""
-        if self.compiled_adapt is None or in_functorch_transform():
+        if self.compiled_adapt is None:
             return self.adapt_eagerly(params, state, task, steps)
         tree_map_only(torch.Tensor, torch._dynamo.mark_static, (params, state, task))
         return self.compiled_adapt(params, state, task, steps)
