@@ -11,7 +11,10 @@ run checks that one meta-iteration of each, from the same φ on the same tasks, 
 - peak memory of one meta-iteration (GPU: `max_memory_allocated`; CPU: the rise of the peak
   resident set size, measured in a fresh subprocess per setting);
 - FLOP efficiency: FLOPs of one meta-iteration (`torch.utils.flop_counter`) × meta-iterations/s
-  ÷ the FLOP/s of a large matrix product on the same device in the same run.
+  ÷ the FLOP/s of a large matrix product on the same device in the same run;
+- for sine, also the project's step with `algorithm.compile=true` (timed after its warm-up; the
+  cold compile time of that warm-up separately), which must reach the loop's φ after one
+  meta-iteration to float32 tolerance (its float64 graph would be one more cold compile).
 The project's step is what `MetaLearner.training_step` runs, built by the same classes:
 `algorithm.meta_gradient` with the module's inner loop and carried state, then the outer
 optimizer's step on p.grad (the all-reduce, logging and scheduler are left out: one process, ε
@@ -93,8 +96,13 @@ BASE = [
 SETTINGS = [replace(s, inner_optimizer=o) for s in BASE for o in ("sgd", "adam")]
 
 
-def make_algorithm(setting: Setting) -> Algorithm:
+# torch.compile pays off where dispatch dominates (the sine MLP); a Conv4 graph takes minutes.
+COMPILED_MODELS = ("mlp",)
+
+
+def make_algorithm(setting: Setting, compile: bool = False) -> Algorithm:
     kwargs = dict(
+        compile=compile,
         inner_steps=setting.inner_steps,
         inner_batch_size=setting.inner_batch,
         inner_lr=setting.inner_lr,
@@ -128,11 +136,11 @@ def random_tasks(setting: Setting, rounds: int, device: torch.device) -> list[Ta
     return tasks
 
 
-def project_learner(setting: Setting, device: torch.device) -> MetaLearner:
+def project_learner(setting: Setting, device: torch.device, compile: bool = False) -> MetaLearner:
     torch.manual_seed(0)
     model = MODELS[setting.model][0]().to(device)
     loss = "cross_entropy" if MODELS[setting.model][2] else "mse"
-    return MetaLearner(model, make_algorithm(setting), loss=loss)
+    return MetaLearner(model, make_algorithm(setting, compile), loss=loss)
 
 
 def project_step(learner: MetaLearner, outer: torch.optim.Optimizer) -> Callable[[Task], None]:
@@ -292,6 +300,9 @@ class Result:
     project_mib: float
     loop_mib: float
     max_error: float
+    compiled: float = float("nan")  # meta-iterations/s with algorithm.compile=true
+    compile_seconds: float = float("nan")  # its cold warm-up
+    compiled_error: float = float("nan")  # max |Δφ| / max |φ| against the loop, 1 it. float32
 
 
 def phi_difference(setting: Setting, task: Task, device: torch.device) -> float:
@@ -319,14 +330,44 @@ def compare(setting: Setting, rounds: int, device: torch.device, memory: bool) -
         raise AssertionError(f"{setting.name}: φ differs from the per-task loop's by {error:.2e}")
     learner = project_learner(setting, device)
     baseline = copy.deepcopy(learner.model)
-    outer = learner.algorithm.make_outer_optimizer(list(learner.model.parameters()))
-    ours, theirs = project_step(learner, outer), loop_step(baseline, setting)
-    ours(tasks[0]), theirs(tasks[0])  # warm-up
-    times: dict[str, list[float]] = {"project": [], "loop": []}
+    learners = {"project": learner}
+    if setting.model in COMPILED_MODELS:
+        learners["compiled"] = compiled = project_learner(setting, device, compile=True)
+    steps = {
+        which: project_step(
+            each, each.algorithm.make_outer_optimizer(list(each.model.parameters()))
+        )
+        for which, each in learners.items()
+    }
+    steps["loop"] = loop_step(baseline, setting)
+    # Two warm-up meta-iterations: with Adam the compiled step compiles once more on its second
+    # call (the carried step count turns symbolic), and neither compile may be timed. The
+    # compiled φ is checked after the first: over many meta-iterations float32 rounding grows
+    # (ε = 1, Adam) until even the uncompiled step and the loop differ in the first digit.
+    warm_up = {which: timed(step, tasks[0], device) for which, step in steps.items()}
+    compiled_stats = {}
+    if "compiled" in steps:
+        pairs = list(zip(compiled.model.parameters(), baseline.parameters(), strict=True))
+        scale = max(q.abs().max().item() for _, q in pairs)
+        compiled_error = max((p - q).abs().max().item() for p, q in pairs) / scale
+        if compiled_error > 1e-4:
+            raise AssertionError(
+                f"{setting.name}: compiled φ differs from the per-task loop's by "
+                f"{compiled_error:.2e}"
+            )
+    for which, step in steps.items():
+        warm_up[which] += timed(step, tasks[0], device)
+    times: dict[str, list[float]] = {which: [] for which in steps}
     for task in tasks[1:]:
-        times["project"].append(timed(ours, task, device))
-        times["loop"].append(timed(theirs, task, device))
-    flops = count_flops(theirs, tasks[0])  # the textbook computation: what both must do
+        for which, step in steps.items():
+            times[which].append(timed(step, task, device))
+    if "compiled" in steps:
+        compiled_stats = dict(
+            compiled=1 / statistics.median(times["compiled"]),
+            compile_seconds=warm_up["compiled"],
+            compiled_error=compiled_error,
+        )
+    flops = count_flops(steps["loop"], tasks[0])  # the textbook computation: what both must do
     nan = float("nan")
     mib = peak_memory(setting, device) if memory else {"project": nan, "loop": nan}
     return Result(
@@ -337,6 +378,7 @@ def compare(setting: Setting, rounds: int, device: torch.device, memory: bool) -
         mib["project"],
         mib["loop"],
         error,
+        **compiled_stats,
     )
 
 
@@ -405,6 +447,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--memory-only", action="store_true", help="only the memory table")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="only the training settings whose name contains this (e.g. sine); no evaluation "
+        "or memory table",
+    )
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -423,6 +471,8 @@ def main() -> None:
         return
     rounds = args.rounds or (3 if args.quick else 7)
     settings = SETTINGS if not args.quick else [SETTINGS[i] for i in (0, 2, 4, 5)]
+    if args.only:
+        settings = [s for s in settings if args.only in s.name]
     peak = matmul_flops(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
     lines = [
@@ -430,8 +480,9 @@ def main() -> None:
         f"matmul peak {peak / 1e9:.0f} GFLOP/s; {rounds} rounds, medians.",
         "",
         "| setting | inner | ours (it/s) | per-task loop (it/s) | ratio | GFLOP/it | FLOP eff. "
-        "| peak MiB ours | peak MiB loop | Δφ vs loop, 1 it. float64 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| peak MiB ours | peak MiB loop | Δφ vs loop, 1 it. float64 | compiled (it/s) "
+        "| compiled ratio | cold compile (s) | compiled Δφ vs loop, 1 it. float32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for setting in settings:
@@ -441,10 +492,15 @@ def main() -> None:
             f"| {setting.inner_optimizer} | {r.project:.1f} | {r.loop:.1f} "
             f"| {r.project / r.loop:.1f}× | {r.flops / 1e9:.3f} "
             f"| {r.flops * r.project / peak:.0%} | {r.project_mib:.0f} | {r.loop_mib:.0f} "
-            f"| {r.max_error:.0e} |"
+            f"| {r.max_error:.0e} | {r.compiled:.1f} | {r.compiled / r.loop:.1f}× "
+            f"| {r.compile_seconds:.0f} | {r.compiled_error:.0e} |"
         )
         lines.append(line)
         print(line, flush=True)
+    if args.only:
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n")
+        return
     eval_tasks = 10 if args.quick else 25
     ours, theirs = evaluation_throughput(eval_tasks, rounds, device)
     evaluation = [

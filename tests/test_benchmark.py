@@ -26,6 +26,7 @@ def test_both_implementations_reach_the_same_phi(optimizer: str) -> None:
     result = benchmark.compare(setting, rounds=1, device=CPU, memory=False)
     assert result.max_error < 1e-9
     assert result.project > 0 and result.loop > 0 and result.flops > 0
+    assert result.compiled > 0 and result.compiled_error < 1e-4  # sine: also compiled
 
 
 def test_a_wrong_baseline_fails_the_check(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,13 +30,13 @@ def sine_tasks(tasks: int = TASKS, shots: int = 10) -> dict[str, torch.Tensor]:
     return collate_tasks(batch)
 
 
-def loop_adapt(model, task, index, optimizer_factory, optimizer_state=None):
+def loop_adapt(model, task, index, optimizer_factory, optimizer_state=None, steps=STEPS):
     """The textbook way: deep-copy the model, step a torch optimizer on each mini-batch."""
     clone = copy.deepcopy(model)
     optimizer = optimizer_factory(clone.parameters())
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    for step in range(STEPS):
+    for step in range(steps):
         batch = task["batch_index"][index, step]
         inputs = task["support_inputs"][index][batch]
         targets = task["support_targets"][index][batch]

@@ -51,6 +51,9 @@ class Algorithm(ABC):
     tail_shots: int = 0  # held-out samples per class for a separate final mini-batch
     # How the inner loop computes per-task gradients (InnerLoop): auto, folded or vmap.
     backend: str = "auto"
+    # torch.compile the k-step inner loop of training (InnerLoop): faster on small models, after
+    # a cold compile of a minute or more on the first meta-iteration.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         require_int("inner_steps", self.inner_steps, 1)
@@ -80,6 +83,7 @@ class Algorithm(ABC):
         )
         require_int("tail_shots", self.tail_shots, 0)
         require_choice("backend", self.backend, BACKENDS)
+        require(isinstance(self.compile, bool), "compile", self.compile, "true or false")
 
     @property
     def train_schedule(self) -> InnerSchedule:

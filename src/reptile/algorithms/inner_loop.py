@@ -51,12 +51,23 @@ class InnerLoop:
     `vmap(grad)`; "auto" folds whenever the model's layers allow it. Both give the same results to
     float rounding; folding is faster on CPU (benchmarks/). Inside a `torch.func` transform (MAML
     differentiating through the inner loop) it is always vmap, which composes with them.
+
+    `compile`: run `adapt` through `torch.compile`, all k steps as one graph (opt-in: the first
+    meta-iteration compiles for a minute or more without a warm inductor cache). Worth it where
+    the per-op dispatch dominates (small models such as the sine MLP; benchmarks/). Evaluation
+    (`step`) stays uncompiled; MAML, which differentiates through its own loop, refuses it.
     """
 
     def __init__(
-        self, model: nn.Module, loss: str, optimizer: InnerOptimizer, backend: str = "auto"
+        self,
+        model: nn.Module,
+        loss: str,
+        optimizer: InnerOptimizer,
+        backend: str = "auto",
+        compile: bool = False,
     ) -> None:
         require_choice("backend", backend, BACKENDS)
+        require(isinstance(compile, bool), "compile", compile, "true or false")
         self.model = model
         self.loss = LOSSES[loss]
         self.optimizer = optimizer
@@ -72,6 +83,11 @@ class InnerLoop:
         # Batch norm on batch statistics couples the samples of a batch: only then does scoring
         # each query beside the support set differ from scoring all queries at once.
         self.couples_batch = any(isinstance(m, _BatchNorm) for m in model.modules())
+        # Not dynamic=False: that would specialise on Adam's step count, which grows every
+        # meta-iteration when the state is carried, and recompile each time. Instead the tensors
+        # are marked static (one graph per shape) and only that integer becomes symbolic after
+        # its first change: at most two graphs per shape and k.
+        self.compiled_adapt = torch.compile(self.adapt_eagerly) if compile else None
 
     def forward(self, params: Params, inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, params, (inputs,))
@@ -111,6 +127,14 @@ class InnerLoop:
         self, params: Params, state: State, task: Task, steps: int
     ) -> tuple[Params, State, torch.Tensor]:
         """`steps` optimizer steps: the adapted parameters, the state, losses [steps, tasks]."""
+        if self.compiled_adapt is None:
+            return self.adapt_eagerly(params, state, task, steps)
+        tree_map_only(torch.Tensor, torch._dynamo.mark_static, (params, state, task))
+        return self.compiled_adapt(params, state, task, steps)
+
+    def adapt_eagerly(
+        self, params: Params, state: State, task: Task, steps: int
+    ) -> tuple[Params, State, torch.Tensor]:
         losses = []
         for step in range(steps):
             params, state, step_losses = self.step(params, state, task, step)

@@ -36,6 +36,12 @@ class MAML(TailAlgorithm):
             "sgd (MAML differentiates through plain SGD inner steps)",
         )
         require_int("task_chunk_size", self.task_chunk_size, 0)
+        require(
+            not self.compile,
+            "compile",
+            self.compile,
+            "false (MAML differentiates through its own uncompiled inner loop)",
+        )
 
     def meta_gradient(self, inner: InnerLoop, phi: Params, state: State, task: Task) -> MetaStep:
         step_grad = grad_and_value(inner.task_loss)

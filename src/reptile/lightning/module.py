@@ -46,7 +46,9 @@ class MetaLearner(pl.LightningModule):
         self.algorithm = algorithm
         self.loss = loss
         try:
-            self.inner = InnerLoop(model, loss, algorithm.make_inner_optimizer(), algorithm.backend)
+            self.inner = InnerLoop(
+                model, loss, algorithm.make_inner_optimizer(), algorithm.backend, algorithm.compile
+            )
         except ConfigValueError as error:  # a backend this model cannot run on
             raise error.under("algorithm") from None
         self.inner_state: State | None = None  # carried across meta-iterations ("carry")
