@@ -145,11 +145,8 @@ def project_learner(setting: Setting, device: torch.device, compile: bool = Fals
 
 def project_step(learner: MetaLearner, outer: torch.optim.Optimizer) -> Callable[[Task], None]:
     def step(task: Task) -> None:
-        tasks = len(task["support_targets"])
-        result = learner.algorithm.meta_gradient(
-            learner.inner, learner.phi(), learner.initial_inner_state(tasks), task
-        )
-        if learner.algorithm.inner_state == "carry":
+        result = learner.meta_step(task)
+        if learner.algorithm.inner_state != "reset":
             learner.inner_state = task_mean(result.state)
         outer.zero_grad()
         for name, p in learner.model.named_parameters():

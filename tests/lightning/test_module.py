@@ -1,15 +1,22 @@
-"""The Reptile update through the real LightningModule and Trainer, against cases worked by hand."""
+"""The LightningModule through the real Trainer, against cases worked by hand and per-task loops."""
 
 from __future__ import annotations
+
+import copy
+import dataclasses
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from reptile.algorithms import Reptile
+from reptile.data.sine import SineWaves
+from reptile.data.tasks import InnerSchedule, collate_tasks, inner_batch_index, task_generator
 from reptile.lightning.module import MetaLearner
+from reptile.models.mlp import MLP
 
 
 def hand_worked_tasks() -> dict[str, torch.Tensor]:
@@ -75,3 +82,111 @@ def test_serial_reptile_moves_toward_the_single_task_solution() -> None:
 def test_meta_lr_is_annealed_linearly() -> None:
     algorithm = Reptile(meta_lr=1.0, meta_lr_final=0.2)
     assert [algorithm.meta_lr_at(f) for f in (0.0, 0.5, 1.0)] == pytest.approx([1.0, 0.6, 0.2])
+
+
+def sine_meta_batches(meta_batches: int, tasks: int, steps: int) -> list[dict[str, torch.Tensor]]:
+    waves, schedule = SineWaves(shots=10), InnerSchedule(steps, 5)
+    batches = []
+    for step in range(meta_batches):
+        batch = []
+        for index in range(tasks):
+            generator = task_generator(0, "train", step * tasks + index)
+            task = waves.sample_train_task(generator, tail_size=0)
+            task["batch_index"] = inner_batch_index(10, schedule, generator)
+            batch.append(task)
+        batches.append(collate_tasks(batch))
+    return batches
+
+
+def reference_training(
+    model: nn.Module, meta_batches: list[dict], inner_state: str, steps: int, epsilon: float
+) -> dict:
+    """The reference implementation's loop: one model whose weights are restored around each task,
+    one torch.optim.Adam; "sequential" keeps that optimizer's state from task to task, "carry"
+    starts every task of a meta-batch from the same state and keeps the tasks' mean."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.0, 0.999))
+    for tasks in meta_batches:
+        phi, start = weights(model), copy.deepcopy(optimizer.state_dict())
+        adapted, states = [], []
+        for i in range(len(tasks["support_targets"])):
+            if inner_state == "carry":
+                optimizer.load_state_dict(copy.deepcopy(start))  # loading aliases tensors
+            for step in range(steps):
+                batch = tasks["batch_index"][i, step]
+                optimizer.zero_grad()
+                F.mse_loss(
+                    model(tasks["support_inputs"][i][batch]), tasks["support_targets"][i][batch]
+                ).backward()
+                optimizer.step()
+            adapted.append(weights(model))
+            states.append(copy.deepcopy(optimizer.state_dict()))
+            model.load_state_dict(phi)
+        if inner_state == "carry":
+            for key, slot in states[0]["state"].items():
+                for name in ("exp_avg", "exp_avg_sq"):
+                    slot[name] = torch.stack([s["state"][key][name] for s in states]).mean(0)
+            optimizer.load_state_dict(states[0])
+        mean = {name: torch.stack([w[name] for w in adapted]).mean(0) for name in phi}
+        model.load_state_dict({name: phi[name] + epsilon * (mean[name] - phi[name]) for name in phi})
+    return optimizer.state_dict()
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("inner_state", ["carry", "sequential"])
+def test_carried_inner_state_follows_a_per_task_loop(inner_state: str) -> None:
+    """Three meta-iterations through the real Trainer against `reference_training`; then the
+    evaluation inner loop from the trained state (and from a fresh one) against torch.optim."""
+    steps, epsilon = 3, 0.5
+    torch.manual_seed(0)
+    model, meta_batches = MLP(), sine_meta_batches(3, tasks=4, steps=steps)
+    reference = copy.deepcopy(model)
+    algorithm = Reptile(
+        inner_lr=0.01,
+        inner_steps=steps,
+        inner_batch_size=5,
+        inner_state=inner_state,
+        meta_lr=epsilon,
+        meta_lr_final=epsilon,
+        eval_batch_size=5,
+    )
+    learner = MetaLearner(model, algorithm, loss="mse")
+    trainer = pl.Trainer(
+        max_steps=len(meta_batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(learner, train_dataloaders=DataLoader(meta_batches, batch_size=None))
+    trained_state = reference_training(reference, meta_batches, inner_state, steps, epsilon)
+
+    tolerance = {"rtol": 1e-4, "atol": 1e-6}
+    torch.testing.assert_close(weights(model), weights(reference), **tolerance)
+    names = [name for name, _ in reference.named_parameters()]
+    for key, name in enumerate(names):
+        for slot in ("exp_avg", "exp_avg_sq"):
+            expected = trained_state["state"][key][slot]
+            torch.testing.assert_close(learner.inner_state[slot][name], expected, **tolerance)
+
+    task = meta_batches[0]
+    for start in ("trained", "fresh"):
+        learner.algorithm = dataclasses.replace(algorithm, eval_inner_state=start)
+        adapted = learner.adapted_params(task, [steps])[steps]
+        for i in range(len(task["support_targets"])):
+            clone = copy.deepcopy(reference)
+            optimizer = torch.optim.Adam(clone.parameters(), lr=0.01, betas=(0.0, 0.999))
+            if start == "trained":
+                optimizer.load_state_dict(copy.deepcopy(trained_state))
+            for step in range(steps):
+                batch = task["batch_index"][i, step]
+                optimizer.zero_grad()
+                F.mse_loss(
+                    clone(task["support_inputs"][i][batch]), task["support_targets"][i][batch]
+                ).backward()
+                optimizer.step()
+            for name, value in clone.named_parameters():
+                torch.testing.assert_close(adapted[name][i], value.detach(), **tolerance)

@@ -18,7 +18,8 @@ from reptile.config import require, require_choice, require_int, require_positiv
 from reptile.data.tasks import InnerSchedule, Task
 
 INNER_OPTIMIZERS = ("sgd", "adam")
-INNER_STATES = ("carry", "reset")
+INNER_STATES = ("carry", "sequential", "reset")
+EVAL_INNER_STATES = ("trained", "fresh")
 OUTER_OPTIMIZERS = ("sgd", "adam")
 
 
@@ -37,10 +38,16 @@ class Algorithm(ABC):
     inner_lr: float = 1e-3
     inner_optimizer: str = "adam"
     inner_betas: tuple[float, float] = (0.0, 0.999)  # Adam's; the reference uses beta1 = 0
-    # "carry": Adam's moments persist across training tasks, as in the reference implementation
-    # (the tasks of a meta-batch start from the shared moments, which then become their mean);
-    # "reset": every task starts from fresh moments. Evaluation tasks always start fresh.
+    # "carry": Adam's moments persist across training tasks: the tasks of a meta-batch start
+    # from the shared moments, which then become their mean (vectorised across tasks);
+    # "sequential": they persist from task to task, as in the reference implementation, which
+    # adapts a meta-batch's tasks one after another (each DDP rank chains its share, and the
+    # ranks' final moments are averaged); "reset": every task starts from fresh moments.
     inner_state: str = "carry"
+    # Where each evaluation task's inner optimizer starts: "trained", from the state training
+    # carried (as the reference does: it saves the moments and restores them after every task;
+    # fresh when nothing was carried), or "fresh" (zero moments).
+    eval_inner_state: str = "trained"
     meta_lr: float = 1.0  # ε at the first meta-iteration
     meta_lr_final: float = 0.0  # ε at the last one, linearly annealed
     outer_optimizer: str = "sgd"  # sgd with lr ε is the plain Reptile interpolation
@@ -61,6 +68,7 @@ class Algorithm(ABC):
         require_positive("inner_lr", self.inner_lr)
         require_choice("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
         require_choice("inner_state", self.inner_state, INNER_STATES)
+        require_choice("eval_inner_state", self.eval_inner_state, EVAL_INNER_STATES)
         require_positive("meta_lr", self.meta_lr)
         number = isinstance(self.meta_lr_final, (int, float)) and not isinstance(
             self.meta_lr_final, bool

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from reptile.algorithms.base import Algorithm, clones
+from reptile.algorithms.base import Algorithm, MetaStep, clones
 from reptile.algorithms.inner_loop import InnerLoop, broadcast, task_mean
 from reptile.algorithms.optimizers import Params, State
 from reptile.config import ConfigValueError
@@ -78,12 +78,29 @@ class MetaLearner(pl.LightningModule):
             return self.inner.optimizer.init(clones(self.phi(), tasks))
         return broadcast(self.inner_state, tasks)
 
-    def training_step(self, task: Task, batch_idx: int) -> None:
+    def meta_step(self, task: Task) -> MetaStep:
+        """The algorithm's meta-gradient for this process's tasks: all at once, or, with
+        `inner_state=sequential`, one task after another, each starting from the inner state
+        the previous one ended with (the reference's order; not vectorised across tasks)."""
         tasks = len(task["support_targets"])
-        step = self.algorithm.meta_gradient(
-            self.inner, self.phi(), self.initial_inner_state(tasks), task
-        )
-        carry = self.algorithm.inner_state == "carry"
+        if self.algorithm.inner_state != "sequential":
+            return self.algorithm.meta_gradient(
+                self.inner, self.phi(), self.initial_inner_state(tasks), task
+            )
+        state, steps = self.initial_inner_state(1), []
+        for i in range(tasks):
+            one_task = {key: value[i : i + 1] for key, value in task.items()}
+            steps.append(self.algorithm.meta_gradient(self.inner, self.phi(), state, one_task))
+            state = steps[-1].state
+        gradient = {
+            name: torch.stack([step.gradient[name] for step in steps]).mean(0)
+            for name in steps[0].gradient
+        }
+        return MetaStep(gradient, state, torch.cat([step.losses for step in steps], 1))
+
+    def training_step(self, task: Task, batch_idx: int) -> None:
+        step = self.meta_step(task)
+        carry = self.algorithm.inner_state != "reset"
         gradient, state, losses = self.mean_over_ranks(
             (
                 step.gradient,
@@ -132,10 +149,11 @@ class MetaLearner(pl.LightningModule):
     def check_finite(
         self, loss_first: torch.Tensor, loss_last: torch.Tensor, *tensors: torch.Tensor
     ) -> None:
+        every = (loss_first, loss_last, *tensors)
+        if torch.stack([torch.isfinite(t).all() for t in every]).all():  # one device sync
+            return
         values = {"train/loss": loss_first, "train/loss_adapted": loss_last}
         bad = {name: value.item() for name, value in values.items() if not torch.isfinite(value)}
-        if not bad and all(torch.isfinite(t).all() for t in tensors):
-            return
         detail = (
             ", ".join(f"{name}={value}" for name, value in bad.items())
             or "meta-gradient not finite"
@@ -161,10 +179,13 @@ class MetaLearner(pl.LightningModule):
     # --- evaluation -----------------------------------------------------------------------
 
     def adapted_params(self, task: Task, steps: list[int]) -> dict[int, Params]:
-        """Per-task parameters after each number of inner steps in `steps` (sorted), from φ with
-        a fresh inner-optimizer state."""
+        """Per-task parameters after each number of inner steps in `steps` (sorted), from φ and
+        the inner-optimizer state `algorithm.eval_inner_state` names."""
         params = clones(self.phi(), len(task["support_targets"]))
-        state = self.inner.optimizer.init(params)
+        if self.algorithm.eval_inner_state == "trained" and self.inner_state is not None:
+            state = broadcast(self.inner_state, len(task["support_targets"]))
+        else:
+            state = self.inner.optimizer.init(params)
         snapshots, done = {}, 0
         for target in steps:
             for step in range(done, target):
