@@ -41,4 +41,4 @@ timeout "$RUN_SECONDS" python3 train.py experiment=omniglot_5w1s trainer="$TRAIN
 echo "train.py exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/train.log"
 cp "$RUN_DIR"/results.json "$OUT/" 2>/dev/null
 cp "$(find "$RUN_DIR/csv" -name metrics.csv | head -n 1)" "$OUT/" 2>/dev/null
-ls "$RUN_DIR/checkpoints" 2>/dev/null | tee -a "$OUT/train.log"
+ls -l --time-style=+%T "$RUN_DIR/checkpoints" 2>/dev/null | tee -a "$OUT/train.log"
