@@ -90,6 +90,14 @@ def test_multirun_gives_each_job_its_directory_and_results(tmp_path: Path) -> No
             "algorithm.outer_optimizer=lbfgs",
             "algorithm.outer_optimizer='lbfgs': expected one of sgd, adam",
         ),
+        (
+            "algorithm.inner_state=shared",
+            "algorithm.inner_state='shared': expected one of carry, sequential, reset",
+        ),
+        (
+            "algorithm.eval_inner_state=carry",
+            "algorithm.eval_inner_state='carry': expected one of trained, fresh",
+        ),
         ("model.activation=gelu", "model.activation='gelu': expected one of relu, tanh"),
         ("trainer.max_steps=0", "trainer.max_steps=0: expected an integer >= 1"),
         ("seed=-1", "seed=-1: expected an integer >= 0"),

@@ -127,7 +127,7 @@ def reference_training(
                     slot[name] = torch.stack([s["state"][key][name] for s in states]).mean(0)
             optimizer.load_state_dict(states[0])
         mean = {name: torch.stack([w[name] for w in adapted]).mean(0) for name in phi}
-        model.load_state_dict({name: phi[name] + epsilon * (mean[name] - phi[name]) for name in phi})
+        model.load_state_dict({name: p + epsilon * (mean[name] - p) for name, p in phi.items()})
     return optimizer.state_dict()
 
 
