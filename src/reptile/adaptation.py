@@ -58,7 +58,8 @@ def adapt(
     steps: int | None = None,
     seed: int = 0,
 ) -> AdaptedModel:
-    """Adapt φ to the examples (`algorithm.eval_inner_steps` steps unless `steps` says)."""
+    """Adapt φ to the examples (`algorithm.eval_inner_steps` steps unless `steps` says), from the
+    inner-optimizer state evaluation uses (`algorithm.eval_inner_state`)."""
     algorithm = learner.algorithm
     schedule = InnerSchedule(
         algorithm.eval_inner_steps if steps is None else steps, algorithm.eval_batch_size
