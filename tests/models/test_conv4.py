@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from reptile.config import ConfigValueError
-from reptile.models.conv4 import Conv4
+from reptile.models.conv4 import Conv4, same_padding
 
 OMNIGLOT = {"in_channels": 1, "num_classes": 5, "image_size": 28}
 MINIIMAGENET = {
@@ -47,6 +47,7 @@ def test_layers_as_in_the_paper():
     assert all(norm.affine and not norm.track_running_stats for norm in norms)
     assert list(model.buffers()) == []  # no running statistics anywhere
     assert [type(m).__name__ for m in model.features[0]] == [
+        "ZeroPad2d",
         "Conv2d",
         "MaxPool2d",
         "BatchNorm2d",
@@ -90,3 +91,19 @@ def test_per_task_gradients_under_vmap_match_a_loop():
 def test_bad_widths_fail_with_one_line():
     with pytest.raises(ConfigValueError, match="hidden=0: expected an integer >= 1"):
         Conv4(hidden=0)
+
+
+def test_stride_two_convolutions_pad_as_tensorflow_same() -> None:
+    """A 4×4 input, stride 2, all-ones 3×3 kernel: TensorFlow's "same" pads one row and column at
+    the bottom and right only, so the first window sums rows 0–2 × columns 0–2 (0+1+2+4+5+6+8+9+10
+    = 45) and the last sums rows 2–3 × columns 2–3 (10+11+14+15 = 50)."""
+    assert same_padding(4, 2) == (0, 1, 0, 1)
+    assert same_padding(28, 2) == (0, 1, 0, 1)
+    assert same_padding(7, 2) == (1, 1, 1, 1)
+    assert same_padding(84, 1) == (1, 1, 1, 1)
+    model = Conv4(in_channels=1, num_classes=2, image_size=4, hidden=1, layers=1)
+    pad, conv = model.features[0][:2]
+    nn.init.ones_(conv.weight)
+    image = torch.arange(16.0).view(1, 1, 4, 4)
+    out = conv(pad(image))
+    assert out.flatten().tolist() == [45.0, 39.0, 66.0, 50.0]

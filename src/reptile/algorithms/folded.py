@@ -25,7 +25,17 @@ from torch import fx, nn
 Params = dict[str, torch.Tensor]
 FoldedForward = Callable[[Params, torch.Tensor], torch.Tensor]
 
-ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Identity)
+# Layers that act on each sample's channels alone, the same in either layout (H, W last).
+PER_SAMPLE = (
+    nn.ReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.Identity,
+    nn.ZeroPad2d,
+)
 FLATTEN_CALLS = {("call_method", "flatten"), ("call_function", torch.flatten)}
 
 
@@ -100,7 +110,7 @@ def max_pool(value: Value, params: Params, layer: nn.MaxPool2d, prefix: str) -> 
     return Value(out, "channels", value.tasks)
 
 
-def elementwise(value: Value, params: Params, layer: nn.Module, prefix: str) -> Value:
+def per_sample(value: Value, params: Params, layer: nn.Module, prefix: str) -> Value:
     return Value(layer(value.tensor), value.layout, value.tasks)
 
 
@@ -119,7 +129,7 @@ LAYERS: dict[type, Callable[[Value, Params, nn.Module, str], Value]] = {
     nn.Conv2d: conv2d,
     nn.BatchNorm2d: batch_norm,
     nn.MaxPool2d: max_pool,
-    **{kind: elementwise for kind in ELEMENTWISE},
+    **{kind: per_sample for kind in PER_SAMPLE},
 }
 
 

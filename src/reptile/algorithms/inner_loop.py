@@ -78,7 +78,7 @@ class InnerLoop:
             "backend",
             backend,
             "auto or vmap for this model (folding supports Linear, Conv2d, BatchNorm2d without "
-            "running statistics, MaxPool2d, activations and flatten)",
+            "running statistics, MaxPool2d, ZeroPad2d, activations and flatten)",
         )
         # Batch norm on batch statistics couples the samples of a batch: only then does scoring
         # each query beside the support set differ from scoring all queries at once.

@@ -8,11 +8,20 @@ from torch import nn
 from reptile.config import require_int
 
 
+def same_padding(size: int, stride: int, kernel: int = 3) -> tuple[int, int, int, int]:
+    """TensorFlow's "same" padding (left, right, top, bottom): ceil(size / stride) outputs, and an
+    odd total puts the extra row and column at the bottom and right. PyTorch's `padding=1` pads
+    both sides instead, which shifts every stride-2 window by one pixel against the reference's."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return (total // 2, total - total // 2) * 2
+
+
 class Conv4(nn.Module):
     """`layers` × [3×3 conv → (2×2 max-pool) → batch norm → ReLU] → flatten → linear.
 
     The paper's two networks, as its reference implementation builds them:
     - Omniglot (the defaults): 64 filters, stride 2, no pooling; 1×28×28 → 64×2×2 = 256 features.
+      The convolutions pad as TensorFlow's "same" does (`same_padding`).
     - Mini-ImageNet: `hidden=32, stride=1, max_pool=true`; 3×84×84 → 32×6×6 = 1152 features.
       The reference pools with TensorFlow's "same" padding, which keeps the odd row and column
       (84 → 42 → 21 → 11 → 6, not 5 as with PyTorch's default); like it, this pools before the
@@ -47,7 +56,8 @@ class Conv4(nn.Module):
         size = image_size
         for layer in range(layers):
             block = [
-                nn.Conv2d(in_channels if layer == 0 else hidden, hidden, 3, stride, 1, bias=False)
+                nn.ZeroPad2d(same_padding(size, stride)),
+                nn.Conv2d(in_channels if layer == 0 else hidden, hidden, 3, stride, bias=False),
             ]
             size = (size - 1) // stride + 1
             if max_pool:
