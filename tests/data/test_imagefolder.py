@@ -149,7 +149,8 @@ def test_config(compose, root, tmp_path):
     data = instantiate(cfg.dataset, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
     assert isinstance(data, ImageFolder)
-    assert model.features[0][0].in_channels == 1  # taken from dataset.channels
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 1  # taken from dataset.channels
     data.setup()
     task = data.sample_train_task(torch.Generator().manual_seed(0), tail_size=0)
     assert task["support_inputs"].shape == (2 * 4, 1, 28, 28)
