@@ -98,6 +98,18 @@ def sine_meta_batches(meta_batches: int, tasks: int, steps: int) -> list[dict[st
     return batches
 
 
+def loop_adapt(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tasks: dict, i: int, steps: int
+) -> None:
+    """`steps` steps of `optimizer` on task `i`'s mini-batches, the textbook way."""
+    for step in range(steps):
+        batch = tasks["batch_index"][i, step]
+        optimizer.zero_grad()
+        inputs, targets = tasks["support_inputs"][i][batch], tasks["support_targets"][i][batch]
+        F.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+
+
 def reference_training(
     model: nn.Module, meta_batches: list[dict], inner_state: str, steps: int, epsilon: float
 ) -> dict:
@@ -111,13 +123,7 @@ def reference_training(
         for i in range(len(tasks["support_targets"])):
             if inner_state == "carry":
                 optimizer.load_state_dict(copy.deepcopy(start))  # loading aliases tensors
-            for step in range(steps):
-                batch = tasks["batch_index"][i, step]
-                optimizer.zero_grad()
-                F.mse_loss(
-                    model(tasks["support_inputs"][i][batch]), tasks["support_targets"][i][batch]
-                ).backward()
-                optimizer.step()
+            loop_adapt(model, optimizer, tasks, i, steps)
             adapted.append(weights(model))
             states.append(copy.deepcopy(optimizer.state_dict()))
             model.load_state_dict(phi)
@@ -181,12 +187,6 @@ def test_carried_inner_state_follows_a_per_task_loop(inner_state: str) -> None:
             optimizer = torch.optim.Adam(clone.parameters(), lr=0.01, betas=(0.0, 0.999))
             if start == "trained":
                 optimizer.load_state_dict(copy.deepcopy(trained_state))
-            for step in range(steps):
-                batch = task["batch_index"][i, step]
-                optimizer.zero_grad()
-                F.mse_loss(
-                    clone(task["support_inputs"][i][batch]), task["support_targets"][i][batch]
-                ).backward()
-                optimizer.step()
+            loop_adapt(clone, optimizer, task, i, steps)
             for name, value in clone.named_parameters():
                 torch.testing.assert_close(adapted[name][i], value.detach(), **tolerance)
