@@ -8,13 +8,11 @@ import dataclasses
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
+from helpers import sine_tasks, take_steps, weights
 from torch import nn
 from torch.utils.data import DataLoader
 
 from reptile.algorithms import Reptile
-from reptile.data.sine import SineWaves
-from reptile.data.tasks import InnerSchedule, collate_tasks, inner_batch_index, task_generator
 from reptile.lightning.module import MetaLearner
 from reptile.models.mlp import MLP
 
@@ -85,29 +83,7 @@ def test_meta_lr_is_annealed_linearly() -> None:
 
 
 def sine_meta_batches(meta_batches: int, tasks: int, steps: int) -> list[dict[str, torch.Tensor]]:
-    waves, schedule = SineWaves(shots=10), InnerSchedule(steps, 5)
-    batches = []
-    for step in range(meta_batches):
-        batch = []
-        for index in range(tasks):
-            generator = task_generator(0, "train", step * tasks + index)
-            task = waves.sample_train_task(generator, tail_size=0)
-            task["batch_index"] = inner_batch_index(10, schedule, generator)
-            batch.append(task)
-        batches.append(collate_tasks(batch))
-    return batches
-
-
-def loop_adapt(
-    model: nn.Module, optimizer: torch.optim.Optimizer, tasks: dict, i: int, steps: int
-) -> None:
-    """`steps` steps of `optimizer` on task `i`'s mini-batches, the textbook way."""
-    for step in range(steps):
-        batch = tasks["batch_index"][i, step]
-        optimizer.zero_grad()
-        inputs, targets = tasks["support_inputs"][i][batch], tasks["support_targets"][i][batch]
-        F.mse_loss(model(inputs), targets).backward()
-        optimizer.step()
+    return [sine_tasks(tasks, steps, 5, first=step * tasks) for step in range(meta_batches)]
 
 
 def reference_training(
@@ -123,7 +99,7 @@ def reference_training(
         for i in range(len(tasks["support_targets"])):
             if inner_state == "carry":
                 optimizer.load_state_dict(copy.deepcopy(start))  # loading aliases tensors
-            loop_adapt(model, optimizer, tasks, i, steps)
+            take_steps(model, optimizer, tasks, i, steps)
             adapted.append(weights(model))
             states.append(copy.deepcopy(optimizer.state_dict()))
             model.load_state_dict(phi)
@@ -135,10 +111,6 @@ def reference_training(
         mean = {name: torch.stack([w[name] for w in adapted]).mean(0) for name in phi}
         model.load_state_dict({name: p + epsilon * (mean[name] - p) for name, p in phi.items()})
     return optimizer.state_dict()
-
-
-def weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("inner_state", ["carry", "sequential"])
@@ -187,6 +159,6 @@ def test_carried_inner_state_follows_a_per_task_loop(inner_state: str) -> None:
             optimizer = torch.optim.Adam(clone.parameters(), lr=0.01, betas=(0.0, 0.999))
             if start == "trained":
                 optimizer.load_state_dict(copy.deepcopy(trained_state))
-            loop_adapt(clone, optimizer, task, i, steps)
+            take_steps(clone, optimizer, task, i, steps)
             for name, value in clone.named_parameters():
                 torch.testing.assert_close(adapted[name][i], value.detach(), **tolerance)
