@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
 import torch
 import torch._dynamo
-from helpers import adapt_copy, sine_tasks
+from helpers import adapt_copy, assert_trees_close, meta_gradients, sine_tasks
 from torch._dynamo.utils import counters
 
-from reptile.algorithms import MAML, Reptile
+from reptile.algorithms import ANIL, MAML, MetaSGD, Reptile
 from reptile.algorithms.params import broadcast, task_mean
 from reptile.config import ConfigValueError
 from reptile.models.mlp import MLP
@@ -64,3 +65,24 @@ def test_compile_is_a_checked_boolean_that_maml_refuses() -> None:
         Reptile(compile="yes")
     with pytest.raises(ConfigValueError, match=r"^compile=True: expected false \(MAML"):
         MAML(inner_optimizer="sgd", compile=True)
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [ANIL(inner_optimizer="adam"), MetaSGD()],
+    ids=["anil", "meta_sgd"],
+)
+def test_compiled_partial_and_learned_rate_inner_loops_equal_eager(algorithm) -> None:
+    """ANIL's inner loop steps the head alone, Meta-SGD's at learned per-weight rates carried in
+    its state: compiled, both give the eager meta-gradient, for every meta-parameter."""
+    torch.manual_seed(0)
+    model, task = MLP(hidden=(8,)), sine_tasks(3, 3, 4)
+    options = dict(inner_steps=3, inner_batch_size=4, inner_lr=0.01)
+    eager = dataclasses.replace(algorithm, **options)
+    compiled = dataclasses.replace(eager, compile=True)
+    torch._dynamo.reset()
+    expected = meta_gradients(eager, model, task)
+    actual = meta_gradients(compiled, model, task)
+    assert actual.keys() == expected.keys()
+    for group in expected:
+        assert_trees_close(actual[group], expected[group], rtol=1e-5, atol=1e-7)

@@ -13,6 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from reptile.algorithms import Reptile
+from reptile.data.sine import SineWaves
+from reptile.data.tasks import InnerSchedule
 from reptile.lightning.module import MetaLearner
 from reptile.models.mlp import MLP
 
@@ -162,3 +164,68 @@ def test_carried_inner_state_follows_a_per_task_loop(inner_state: str) -> None:
             take_steps(clone, optimizer, task, i, steps)
             for name, value in clone.named_parameters():
                 torch.testing.assert_close(adapted[name][i], value.detach(), **tolerance)
+
+
+def fit(learner: MetaLearner, root, max_steps: int, ckpt_path=None) -> None:
+    """Trains on sine tasks addressed by step, with the project's trainer settings for resuming."""
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        reload_dataloaders_every_n_epochs=1,
+        logger=False,
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True)],
+    )
+    tasks = SineWaves(meta_batch_size=2, train_schedule=InnerSchedule(3, 5), num_val_tasks=0)
+    trainer.fit(learner, datamodule=tasks, ckpt_path=ckpt_path)
+
+
+def test_meta_sgd_learns_its_rates_checkpoints_them_and_resumes_exactly(tmp_path) -> None:
+    """The learned rates are meta-parameters like φ: the outer optimizer moves them, they are in
+    the checkpoint with its optimizer state, and two steps + resume + two steps end where four
+    uninterrupted steps end, for φ and rates alike."""
+    from reptile.algorithms import MetaSGD
+
+    algorithm = MetaSGD(
+        inner_steps=3,
+        inner_batch_size=5,
+        inner_lr=0.02,
+        meta_lr=0.001,
+        meta_lr_final=0.001,  # ε does not depend on the length of the run
+        outer_optimizer="adam",
+    )
+
+    def learner() -> MetaLearner:
+        torch.manual_seed(0)
+        return MetaLearner(MLP(hidden=(8,)), algorithm, loss="mse")
+
+    whole = learner()
+    start = {key: value.clone() for key, value in whole.state_dict().items()}
+    fit(whole, tmp_path / "whole", max_steps=4)
+    rates = [key for key in start if key.startswith("learned.inner_lr.")]
+    assert len(rates) == 4 and all(not torch.equal(whole.state_dict()[k], start[k]) for k in rates)
+
+    fit(learner(), tmp_path / "part", max_steps=2)
+    resumed = learner()
+    fit(resumed, tmp_path / "part", max_steps=4, ckpt_path=tmp_path / "part" / "last.ckpt")
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+    # Evaluation and `reptile.adaptation` step at the learned rates: one step is φ − α ⊙ ∇L.
+    from reptile.adaptation import adapt, load_learner
+
+    learner_config = {"_target_": "reptile.algorithms.MetaSGD", **dataclasses.asdict(algorithm)}
+    resumed.run_config = {"model": {"_target_": "reptile.models.mlp.MLP", "hidden": [8]}}
+    resumed.run_config["algorithm"] = learner_config
+    resumed.trainer.save_checkpoint(tmp_path / "final.ckpt")
+    loaded = load_learner(tmp_path / "final.ckpt")
+    x, y = torch.linspace(-3, 3, 5).unsqueeze(1), torch.linspace(-1, 1, 5).unsqueeze(1)
+    adapted = adapt(loaded, x, y, steps=1)
+    reference = copy.deepcopy(whole.model)
+    torch.nn.functional.mse_loss(reference(x), y).backward()  # eval batch 5: all five points
+    for name, p in reference.named_parameters():
+        rate = whole.state_dict()[f"learned.inner_lr.{name.replace('.', '/')}"]
+        torch.testing.assert_close(adapted.params[name][0], (p - rate * p.grad).detach())
