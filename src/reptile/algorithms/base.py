@@ -76,6 +76,9 @@ class Algorithm(ABC):
     # torch.compile the k-step inner loop of training (InnerLoop): faster on small models, after
     # a cold compile of a minute or more on the first meta-iteration.
     compile: bool = False
+    # Evaluation adapts as many of a batch's tasks at once as fit in this many MiB of
+    # activations (estimated from the model's layer sizes); the rest wait for the next chunk.
+    eval_memory_mib: int = 1024
 
     def __post_init__(self) -> None:
         require_int("inner_steps", self.inner_steps, 1)
@@ -99,6 +102,7 @@ class Algorithm(ABC):
         require_int("tail_shots", self.tail_shots, 0)
         require_choice("backend", self.backend, BACKENDS)
         require(isinstance(self.compile, bool), "compile", self.compile, "true or false")
+        require_int("eval_memory_mib", self.eval_memory_mib, 1)
 
     # --- the inner loop's mini-batches, the outer optimizer ---------------------------------
 
@@ -216,9 +220,16 @@ class Algorithm(ABC):
         task: Task,
         plan: ScorePlan,
     ) -> dict[str, torch.Tensor]:
-        """Per-task scores [tasks] under each name of `plan`; the adaptation is shared."""
-        params = self.adapt(inner, meta, carried, task, sorted({s for s, _ in plan.values()}))
-        return {
-            name: inner.score(params[steps], task, transductive)
-            for name, (steps, transductive) in plan.items()
-        }
+        """Per-task scores [tasks] under each name of `plan`; the adaptation is shared. The tasks
+        are adapted and scored in chunks that fit `eval_memory_mib`."""
+        non_transductive = any(not transductive for _, transductive in plan.values())
+        per_task = inner.evaluation_bytes(task, self.eval_batch_size, non_transductive)
+        chunk = max(1, self.eval_memory_mib * 2**20 // per_task)
+        scores: dict[str, list[torch.Tensor]] = {name: [] for name in plan}
+        for start in range(0, len(task["support_targets"]), chunk):
+            part = {key: value[start : start + chunk] for key, value in task.items()}
+            params = self.adapt(inner, meta, carried, part, sorted({s for s, _ in plan.values()}))
+            for name, (steps, transductive) in plan.items():
+                scores[name].append(inner.score(params[steps], part, transductive))
+            del params  # free this chunk's adapted copies before adapting the next
+        return {name: torch.cat(values) for name, values in scores.items()}

@@ -212,6 +212,35 @@ class InnerLoop:
         per_task = vmap(one_query, in_dims=(None, None, 0))
         return vmap(per_task)(params, support, query)
 
+    def activation_bytes(self, inputs: torch.Tensor) -> tuple[int, int]:
+        """Bytes of the outputs of the model's layers per sample of `inputs`' shape: all layers
+        together (what a backward pass keeps) and the largest one."""
+        sizes: list[int] = []
+
+        def record(module: nn.Module, args: object, output: torch.Tensor) -> None:
+            sizes.append(output.numel() * output.element_size() // 2)
+
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        hooks = [m.register_forward_hook(record) for m in leaves]
+        try:
+            with torch.no_grad():  # two samples: batch norm needs more than one value
+                self.model(inputs[:1].expand(2, *inputs.shape[1:]))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return sum(sizes), max(sizes)
+
+    def evaluation_bytes(self, task: Task, batch_size: int, non_transductive: bool) -> int:
+        """Memory one task takes to adapt (activations kept for the backward and their gradients,
+        for a mini-batch of `batch_size`) or to be scored (queries alone, or each query with the
+        whole support set), whichever is more."""
+        total, largest = self.activation_bytes(task["support_inputs"][0])
+        support, queries = task["support_inputs"].shape[1], task["query_inputs"].shape[1]
+        adapting = 3 * min(batch_size, support) * total
+        scored = queries * (support + 1 if non_transductive and self.couples_batch else 1)
+        # Without autograd only a layer's input and output are alive at once.
+        return max(adapting, 2 * scored * largest)
+
     def score(self, params: Params, task: Task, transductive: bool) -> torch.Tensor:
         """Per-task scores [tasks] of the adapted `params` on the task's queries."""
         outputs = self.predict(params, task["support_inputs"], task["query_inputs"], transductive)
