@@ -47,35 +47,31 @@ def train_one_meta_iteration(algorithm: Reptile, tasks: dict[str, torch.Tensor])
     return model
 
 
+def hand_worked_reptile(epsilon: float) -> Reptile:
+    """Inner SGD at lr 0.1, k = 2 batches of both points, constant ε."""
+    return Reptile(
+        inner_optimizer="sgd",
+        inner_lr=0.1,
+        inner_steps=2,
+        inner_batch_size=2,
+        meta_lr=epsilon,
+        meta_lr_final=epsilon,
+    )
+
+
 def test_reptile_update_equals_hand_computation() -> None:
     """Inner SGD, lr 0.1, k = 2, from w = 0, loss mean((w·x − y)²):
     slope 2:  grad −10 → w = 1;    grad −5  → w = 1.5
     slope −1: grad  5  → w = −0.5; grad 2.5 → w = −0.75
     mean W = 0.375; φ ← 0 + ε·(0.375 − 0) = 0.1875 with ε = 0.5."""
-    algorithm = Reptile(
-        inner_optimizer="sgd",
-        inner_lr=0.1,
-        inner_steps=2,
-        inner_batch_size=2,
-        meta_lr=0.5,
-        meta_lr_final=0.5,
-    )
-    model = train_one_meta_iteration(algorithm, hand_worked_tasks())
+    model = train_one_meta_iteration(hand_worked_reptile(epsilon=0.5), hand_worked_tasks())
     assert model.weight.item() == pytest.approx(0.1875, abs=1e-7)
 
 
 def test_serial_reptile_moves_toward_the_single_task_solution() -> None:
     """n = 1, ε = 1: φ becomes W itself, 1.5 for the slope-2 task above."""
     tasks = {key: value[:1] for key, value in hand_worked_tasks().items()}
-    algorithm = Reptile(
-        inner_optimizer="sgd",
-        inner_lr=0.1,
-        inner_steps=2,
-        inner_batch_size=2,
-        meta_lr=1.0,
-        meta_lr_final=1.0,
-    )
-    model = train_one_meta_iteration(algorithm, tasks)
+    model = train_one_meta_iteration(hand_worked_reptile(epsilon=1.0), tasks)
     assert model.weight.item() == pytest.approx(1.5, abs=1e-7)
 
 
