@@ -6,11 +6,12 @@ import time
 from pathlib import Path
 
 import pytest
-from real_data import MINIIMAGENET, OMNIGLOT
 
 from reptile.data import images as image_cache
 from reptile.data.miniimagenet import MiniImageNet
 from reptile.data.omniglot import Omniglot
+
+from .real_data import MINIIMAGENET, OMNIGLOT
 
 first_decodes: dict[str, float] = {}  # dataset → seconds its session cache took to build
 

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from real_data import MINIIMAGENET, OMNIGLOT, needs_miniimagenet, needs_omniglot
 
 from reptile.config import ConfigValueError
 from reptile.data.imagefolder import ImageFolder
 from reptile.data.miniimagenet import MiniImageNet
 from reptile.data.omniglot import Omniglot
+
+from .real_data import MINIIMAGENET, OMNIGLOT, needs_miniimagenet, needs_omniglot
 
 NUM_CLASSES = 8
 IMAGES_PER_CLASS = 4
@@ -89,6 +90,14 @@ def test_images_are_mapped_from_the_cache_and_reused(root, tmp_path, request):
     assert str(data.resolve()) in mapped_files()
     request.getfixturevalue("no_decoding")
     again = load(root, tmp_path / "cache")
+    assert torch.equal(again.splits["train"].images, png_pixels(root))
+
+
+def test_the_same_files_by_another_path_reuse_the_cache(root, tmp_path, monkeypatch, request):
+    load(root, tmp_path / "cache")
+    request.getfixturevalue("no_decoding")
+    monkeypatch.chdir(root.parent)
+    again = load(Path(root.name), tmp_path / "cache")  # a relative root
     assert torch.equal(again.splits["train"].images, png_pixels(root))
 
 

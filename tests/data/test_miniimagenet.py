@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from real_data import MINIIMAGENET, SHARED_DATA, needs_miniimagenet
 from torch.utils.data import DataLoader
 
 from reptile.config import ConfigValueError
 from reptile.data.fewshot import Split
 from reptile.data.miniimagenet import MiniImageNet
+
+from .real_data import MINIIMAGENET, SHARED_DATA, needs_miniimagenet
 
 pytestmark = needs_miniimagenet
 

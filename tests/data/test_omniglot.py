@@ -14,11 +14,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from PIL import Image
-from real_data import OMNIGLOT, SHARED_DATA, needs_omniglot
 
 from reptile.config import ConfigValueError
 from reptile.data import images as image_cache
 from reptile.data.omniglot import Omniglot
+
+from .real_data import OMNIGLOT, SHARED_DATA, needs_omniglot
 
 pytestmark = needs_omniglot
 

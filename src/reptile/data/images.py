@@ -155,7 +155,10 @@ def load_classes(classes: ClassFiles, image_size: int, channels: int, cache: Pat
 
 
 def files_fingerprint(classes: ClassFiles, image_size: int, channels: int) -> str:
-    """What the decoded images depend on: names, size and time of every file, the settings."""
+    """What the decoded images depend on: names, size and time of every file, the settings.
+
+    Paths are made absolute: the same files reached from another working directory are the same.
+    """
     digest = hashlib.blake2b(digest_size=16)
     settings = [CACHE_FORMAT, image_size, channels, RESAMPLE.name]
     digest.update(json.dumps(settings).encode())
@@ -165,9 +168,10 @@ def files_fingerprint(classes: ClassFiles, image_size: int, channels: int) -> st
         for file in files:
             if file.archive is None:
                 stat = os.stat(file.path)
-                digest.update(f"\0{file.path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+                path = os.path.abspath(file.path)
+                digest.update(f"\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
             else:
-                archives.add(file.archive)
+                archives.add(os.path.abspath(file.archive))
                 digest.update(f"\0{file.path}".encode())
     for archive in sorted(archives):
         stat = os.stat(archive)
