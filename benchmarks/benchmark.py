@@ -468,6 +468,12 @@ def real_datamodule(setting: Setting, data_dir: Path, cache_dir: str | None) -> 
         train_schedule=InnerSchedule(steps=setting.inner_steps, batch_size=setting.inner_batch),
     )
     data.setup()  # decodes into the cache on first use: not timed
+    real = next(iter(train_loader(data, 0, 1)))
+    for key, value in random_tasks(setting, 1, torch.device("cpu"))[0].items():
+        if real[key].shape != value.shape:  # the table would time another setting
+            raise AssertionError(
+                f"{setting.name}: real {key} {tuple(real[key].shape)}, timed {tuple(value.shape)}"
+            )
     return data
 
 

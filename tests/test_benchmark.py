@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED
 
 from reptile.data.sine import SineWaves
 from reptile.data.tasks import InnerSchedule
@@ -22,7 +21,6 @@ sys.modules["benchmark"] = benchmark  # dataclasses look their module up there
 spec.loader.exec_module(benchmark)
 
 CPU = torch.device("cpu")
-OMNIGLOT = SHARED / "data" / "omniglot"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -58,13 +56,3 @@ def test_data_loading_rates_on_sine() -> None:
     assert all(benchmark.loader_rate(data, workers, batches=3) > 0 for workers in (0, 1))
     alone, fed = benchmark.step_rates(setting, data, rounds=2, device=CPU)
     assert alone > 0 and fed > 0
-
-
-@pytest.mark.skipif(not (OMNIGLOT / "images_background.zip").is_file(), reason="no ../shared")
-def test_real_meta_batches_have_the_shapes_of_the_timed_setting(tmp_path: Path) -> None:
-    setting = next(s for s in benchmark.SETTINGS if s.name == "Omniglot 5-way")
-    data = benchmark.real_datamodule(setting, OMNIGLOT.parent, str(tmp_path))
-    real = next(iter(benchmark.train_loader(data, workers=0, batches=1)))
-    generated = benchmark.random_tasks(setting, 1, CPU)[0]
-    for key, value in generated.items():
-        assert real[key].shape == value.shape, key
