@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from reptile.config import require, require_int
+from reptile.config import is_number, require, require_int
 from reptile.data.fewshot import Split
 from reptile.data.images import ClassFiles, ImageDataset, ImageFile
 
@@ -41,8 +41,8 @@ class ImageFolder(ImageDataset):
     ) -> None:
         super().__init__(root, cache_dir, image_size, channels, **options)
         for key, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            number = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
-            require(number and 0 <= fraction < 1, key, fraction, "a fraction in [0, 1)")
+            fraction_ok = is_number(fraction) and 0 <= fraction < 1
+            require(fraction_ok, key, fraction, "a fraction in [0, 1)")
         require(
             val_fraction + test_fraction < 1,
             "test_fraction",
