@@ -64,6 +64,7 @@ from reptile.data.tasks import InnerSchedule, Task
 from reptile.lightning.module import MetaLearner
 from reptile.models.conv4 import Conv4
 from reptile.models.mlp import MLP
+from reptile.train import has_bf16_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,13 +210,6 @@ def loop_step(model: nn.Module, setting: Setting) -> Callable[[Task], None]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def bf16_fast(device: torch.device) -> bool:
-    """Whether the hardware has bfloat16 matrix units: tensor cores, or AMX on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def autocast_bf16(step: Callable[[Task], None], device: torch.device) -> Callable[[Task], None]:
@@ -367,7 +361,7 @@ def compare(setting: Setting, rounds: int, device: torch.device, memory: bool) -
         )
         for which, each in learners.items()
     }
-    if bf16_fast(device):
+    if has_bf16_units(device.type):
         steps["bf16"] = autocast_bf16(steps["project"], device)
     steps["loop"] = loop_step(baseline, setting)
     # Two warm-up meta-iterations: with Adam the compiled step compiles once more on its second
@@ -601,7 +595,7 @@ def end_to_end_table(
     """train.py's meta-iterations/s and test tasks/s for every path, alternating the paths
     round by round so that the machine's load hits them alike; medians over the rounds' logged
     intervals (the first of each run, the warm-up, left out)."""
-    paths = {name: o for name, o in PATHS.items() if o == [] or bf16_fast(torch.device("cpu"))}
+    paths = {name: o for name, o in PATHS.items() if o == [] or has_bf16_units("cpu")}
     lines = [
         "| job | path | train.py meta-iterations/s | test tasks/s | ratio to fp32 (train, test) |",
         "|---|---|---|---|---|",
