@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from reptile.config import is_int, require, require_int
+from reptile.config import ConfigValueError, is_int, require, require_int
 from reptile.data.fewshot import FewShotClassification, Split
 from reptile.data.images import ClassFiles, ImageFile, cache_path, load_classes
 
@@ -184,8 +184,16 @@ class Omniglot(FewShotClassification):
 def list_archive(path: Path, name: str) -> ClassFiles:
     """The PNGs of an official archive, by character `name/<alphabet>/<character>`."""
     characters: ClassFiles = {}
-    with zipfile.ZipFile(path) as archive:
-        members = archive.namelist()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+    except zipfile.BadZipFile as error:  # a truncated or damaged download: name it
+        raise ConfigValueError(
+            "root",
+            str(path.parent),
+            f"the official {name}.zip, but {path} is not a whole zip archive ({error}; "
+            f"truncated or damaged): replace it with {SOURCE}{name}.zip",
+        ) from None
     for member in sorted(members):
         parts = member.split("/")
         # Skips folders and the resource forks (__MACOSX/, ._*) that macOS adds to archives.
