@@ -45,13 +45,16 @@ def command(*overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *overrides]
 
 
-def run(cwd: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Runs train.py to its end in `cwd`; returns the finished process (output in stdout/stderr)."""
+def run(
+    cwd: Path, *overrides: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs train.py to its end in `cwd` (in `environment(cwd)` unless `env` says); returns the
+    finished process (output in stdout/stderr)."""
     # Its own session: a hung run is killed with the DDP ranks it started.
     process = subprocess.Popen(
         command(*overrides),
         cwd=cwd,
-        env=environment(cwd),
+        env=environment(cwd) if env is None else env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

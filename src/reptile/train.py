@@ -52,6 +52,8 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 # A resumed run draws exactly the tasks of the uninterrupted one (they are addressed by step; a
 # test checks it bit for bit): the loader needs no state of its own.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+# Evaluation scores are gathered across DDP ranks by their metrics before they are logged.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 # Logging follows the global step, so a resumed run's shorter epoch logs as usual; a run shorter
 # than the logging interval gets an interval it reaches (`make_trainer`).
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller")

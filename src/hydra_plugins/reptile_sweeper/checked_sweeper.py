@@ -34,7 +34,8 @@ class CheckedSweeper(BasicSweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([*self._parse_config(), *arguments])
         self.overrides = self.split_arguments(overrides, self.max_batch_size)
-        self.check_jobs([job for batch in self.overrides for job in batch])
+        jobs = [job for batch in self.overrides for job in batch]
+        self.check_jobs(jobs)
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,7 @@ class CheckedSweeper(BasicSweeper):
             first += len(batch)
             returns.append(results)
         if failures:
-            sys.exit(report_failures(failures, first))
+            sys.exit(report_failures(failures, jobs))
         return returns
 
     def check_jobs(self, jobs: Sequence[Sequence[str]]) -> None:
@@ -91,22 +92,16 @@ def failed(result: JobReturn) -> bool:
     return result.status == JobStatus.FAILED
 
 
-def failure(result: JobReturn) -> BaseException:
-    try:
-        _ = result.return_value  # raises the job's exception
-    except Exception as error:
-        return error
-    raise AssertionError("not a failed job")
-
-
-def report_failures(failures: list[tuple[int, JobReturn]], jobs: int) -> int:
-    """One line per failed job; returns the sweep's exit code, the largest of the jobs'."""
-    lines, codes = [f"error: {len(failures)} of {jobs} jobs failed:"], []
+def report_failures(failures: list[tuple[int, JobReturn]], jobs: list[list[str]]) -> int:
+    """One line per failed job, with the overrides that set it apart; returns the sweep's exit
+    code, the largest of the failed jobs'."""
+    shared = set.intersection(*(set(job) for job in jobs))
+    lines, codes = [f"error: {len(failures)} of {len(jobs)} jobs failed:"], []
     for number, result in failures:
-        error = failure(result)
+        error = result._return_value  # the exception (`return_value` would log and raise it)
         code = error.exit_code if isinstance(error, JobFailed) else EXIT_ERROR
-        overrides = " ".join(result.overrides)
-        lines.append(f"  job {number} ({overrides}): exit {code}: {error}")
+        own = " ".join(o for o in result.overrides if o not in shared)
+        lines.append(f"  job {number} ({own}): exit {code}: {error}")
         codes.append(code)
     print("\n".join(lines), file=sys.stderr)
     return max(codes)

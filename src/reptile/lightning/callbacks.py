@@ -114,7 +114,8 @@ class MetaIterationBar(TQDMProgressBar):
 
     def on_exception(self, trainer: pl.Trainer, *args: Any) -> None:
         """Closes the bars, so that the failure's line comes after them, not under a redrawn bar."""
-        bars = (self._train_progress_bar, self._val_progress_bar, self._test_progress_bar)
+        # The evaluation bars first: closing one moves the cursor back up to the training bar.
+        bars = (self._test_progress_bar, self._val_progress_bar, self._train_progress_bar)
         for bar in bars:
             if bar is not None:
                 bar.close()
