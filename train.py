@@ -7,15 +7,16 @@ stopped by SIGINT / SIGTERM (a checkpoint is saved and the resume command printe
 import hydra
 from omegaconf import DictConfig
 
-from reptile.cli import stop_request  # also registers the config's resolvers
+from reptile.cli import reporting_interruption, stop_request  # also registers the resolvers
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     stop_request.install()
-    from reptile.train import run_job  # torch and Lightning: after Hydra's own work
+    with reporting_interruption():
+        from reptile.train import run_job  # torch and Lightning: after Hydra's own work
 
-    return run_job(cfg)
+        return run_job(cfg)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ largest code of its jobs.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -131,6 +133,41 @@ class StopRequest:
 
 
 stop_request = StopRequest()
+
+
+def process_rank() -> int:
+    """This process's global rank, read as Lightning reads it (`rank_zero_only.rank`), from the
+    variables its launcher, torchrun or SLURM set; 0 for a single process."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def resume_command(stop: Interrupted) -> str:
+    """The command that continues the interrupted run (or reruns it, if nothing was saved)."""
+    overrides = list(HydraConfig.get().overrides.task)
+    if stop.checkpoint is not None:
+        overrides = [o for o in overrides if not o.startswith("ckpt_path=")]
+        overrides.append(f"ckpt_path={stop.checkpoint}")
+    return shlex.join(["python", sys.argv[0], *overrides])
+
+
+@contextmanager
+def reporting_interruption() -> Iterator[None]:
+    """A signal's `Interrupted`, wherever it stops the run (importing, training, testing), as one
+    line: where it stopped, the checkpoint, the command that resumes."""
+    try:
+        yield
+    except Interrupted as stop:
+        if process_rank() == 0:  # the other DDP ranks stop alike: print once
+            where = "before training" if stop.step is None else f"at meta-iteration {stop.step}"
+            saved = "" if stop.checkpoint is None else f", state in {stop.checkpoint}"
+            print(
+                f"interrupted by {stop.signal_name} {where}{saved}; resume: {resume_command(stop)}",
+                file=sys.stderr,
+            )
+        raise
 
 
 def init_data_worker(worker_id: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import sys
 import traceback
 import urllib.error
@@ -25,13 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from reptile.cli import (
-    EXIT_BAD_INPUT,
-    EXIT_DIVERGED,
-    EXIT_ERROR,
-    Interrupted,
-    JobFailed,
-)
+from reptile.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_ERROR, JobFailed
 from reptile.config import ConfigValueError, is_int, require, require_int, require_writable
 from reptile.lightning.callbacks import (
     AtomicCheckpointIO,
@@ -315,20 +308,7 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def resume_command(error: Interrupted) -> str:
-    """The command that continues the interrupted run (or reruns it, if nothing was saved)."""
-    overrides = list(HydraConfig.get().overrides.task)
-    if error.checkpoint is not None:
-        overrides = [o for o in overrides if not o.startswith("ckpt_path=")]
-        overrides.append(f"ckpt_path={error.checkpoint}")
-    return shlex.join(["python", sys.argv[0], *overrides])
-
-
 def failure_message(error: BaseException) -> str:
-    if isinstance(error, Interrupted):
-        where = "before training" if error.step is None else f"at meta-iteration {error.step}"
-        saved = "" if error.checkpoint is None else f", state in {error.checkpoint}"
-        return f"interrupted by {error.signal_name} {where}{saved}; resume: {resume_command(error)}"
     if isinstance(error, (ConfigValueError, DivergenceError)):
         return f"error: {error}"
     return f"error: {type(error).__name__}: {error}"
@@ -337,14 +317,12 @@ def failure_message(error: BaseException) -> str:
 def run_job(cfg: DictConfig) -> float | None:
     """`run`, a failure turned into one line and an exit code. A single run exits with the code;
     a multirun job raises JobFailed, and the sweeper runs the other jobs and lists the failures
-    at the end. A signal stops a sweep as it stops a run. Unexpected errors keep their traceback.
-    """
+    at the end. Unexpected errors keep their traceback. (A signal, `Interrupted`, stops a sweep
+    as it stops a run: train.py reports it.)"""
     try:
         return run(cfg)
-    except BaseException as error:
+    except Exception as error:
         code = exit_code(error)
-        if isinstance(error, SystemExit) and not isinstance(error, Interrupted):
-            raise
         if code == EXIT_ERROR and not is_multirun():
             raise  # Hydra prints the traceback
         if code == EXIT_ERROR:
@@ -352,6 +330,6 @@ def run_job(cfg: DictConfig) -> float | None:
         message = failure_message(error)
         if rank_zero_only.rank == 0:  # DDP ranks fail alike: print once
             print(message, file=sys.stderr)
-        if isinstance(error, Interrupted) or not is_multirun():
+        if not is_multirun():
             sys.exit(code)
         raise JobFailed(code, message.removeprefix("error: ")) from None
