@@ -49,7 +49,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from reptile.algorithms import Reptile
 from reptile.algorithms.base import Algorithm
-from reptile.algorithms.inner_loop import task_mean
 from reptile.data.tasks import Task
 from reptile.lightning.module import MetaLearner
 from reptile.models.conv4 import Conv4
@@ -145,13 +144,12 @@ def project_learner(setting: Setting, device: torch.device, compile: bool = Fals
 
 def project_step(learner: MetaLearner, outer: torch.optim.Optimizer) -> Callable[[Task], None]:
     def step(task: Task) -> None:
-        result = learner.meta_step(task)
-        if learner.algorithm.inner_state != "reset":
-            learner.inner_state = task_mean(result.state)
-        outer.zero_grad()
-        for name, p in learner.model.named_parameters():
-            p.grad = result.gradient[name]
-        outer.step()
+        result = learner.algorithm.meta_step(
+            learner.inner, learner.meta_parameters(), learner.inner_state, task
+        )
+        if result.state is not None:
+            learner.inner_state = result.state
+        learner.descend(result.gradient, outer)
 
     return step
 

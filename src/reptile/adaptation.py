@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from reptile.algorithms.optimizers import Params
-from reptile.data.tasks import InnerSchedule, inner_batch_index
+from reptile.algorithms.params import Params
+from reptile.data.tasks import inner_batch_index
 from reptile.lightning.module import MetaLearner
 
 
@@ -47,8 +47,7 @@ class AdaptedModel:
             return self.learner.predict(self.params, task)[0]
 
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
-        outputs = self(inputs)
-        return outputs if self.learner.loss == "mse" else outputs.argmax(-1)
+        return self.learner.inner.objective.prediction(self(inputs))
 
 
 def adapt(
@@ -60,10 +59,8 @@ def adapt(
 ) -> AdaptedModel:
     """Adapt φ to the examples (`algorithm.eval_inner_steps` steps unless `steps` says), from the
     inner-optimizer state evaluation uses (`algorithm.eval_inner_state`)."""
-    algorithm = learner.algorithm
-    schedule = InnerSchedule(
-        algorithm.eval_inner_steps if steps is None else steps, algorithm.eval_batch_size
-    )
+    steps = learner.algorithm.eval_inner_steps if steps is None else steps
+    schedule = learner.algorithm.eval_schedule(steps)
     index = inner_batch_index(len(targets), schedule, torch.Generator().manual_seed(seed))
     device = learner.device
     task = {
@@ -72,5 +69,5 @@ def adapt(
         "batch_index": index[None].to(device),
     }
     with torch.no_grad():
-        params = learner.adapted_params(task, [schedule.steps])[schedule.steps]
+        params = learner.adapted_params(task, [steps])[steps]
     return AdaptedModel(learner, params, task["support_inputs"][0])

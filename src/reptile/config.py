@@ -35,9 +35,18 @@ def require_int(key: str, value: Any, minimum: int) -> None:
     require(is_int(value) and value >= minimum, key, value, f"an integer >= {minimum}")
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def require_positive(key: str, value: Any) -> None:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    require(number and value > 0 and value != float("inf"), key, value, "a finite number > 0")
+    finite = is_number(value) and value != float("inf")
+    require(finite and value > 0, key, value, "a finite number > 0")
+
+
+def require_non_negative(key: str, value: Any) -> None:
+    finite = is_number(value) and value != float("inf")
+    require(finite and value >= 0, key, value, "a finite number >= 0")
 
 
 def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -196,10 +196,10 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def report(
+def build(
     directories: list[Path], x: str | None = None, y: str | None = None, hue: str | None = None
-) -> str:
-    """Write report.md and report.png into `directories[0]`; returns the markdown."""
+) -> tuple[dict, str | None, str, str | None]:
+    """The table of the runs under `directories`, with the x, y and hue it was made with."""
     jobs = find_jobs(directories)
     varying = varying_overrides(jobs)
     x = x or (varying[0] if varying else None)
@@ -208,7 +208,14 @@ def report(
     elif hue == "none":
         hue = None
     y = y or default_metric(jobs)
-    table = tabulate(jobs, x, y, hue)
+    return tabulate(jobs, x, y, hue), x, y, hue
+
+
+def report(
+    directories: list[Path], x: str | None = None, y: str | None = None, hue: str | None = None
+) -> str:
+    """Write report.md and report.png into `directories[0]`; returns the markdown."""
+    table, x, y, hue = build(directories, x, y, hue)
     text = markdown(table, x, y, hue)
     out = directories[0]
     (out / "report.md").write_text(text)
@@ -216,7 +223,7 @@ def report(
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m reptile.report", description=__doc__)
     parser.add_argument("dirs", nargs="+", type=Path, help="multirun (or run) directories")
     parser.add_argument("--x", help="config key or group on the x axis / table rows")
@@ -225,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         "--hue",
         help="config key or group: one line / table column per value; none: no hue",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
     try:
         text = report(args.dirs, args.x, args.y, args.hue)
     except ReportError as error:

@@ -63,7 +63,7 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(NoAdvertise
 def instantiate_group(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     """`instantiate(cfg[key])`, turning a bad value anywhere inside into one `key.field` error."""
     try:
-        return instantiate(cfg[key], _convert_="all", **kwargs)
+        return instantiate(cfg[key], _convert_="object", **kwargs)
     except InstantiationException as error:
         cause: BaseException | None = error
         while cause is not None and not isinstance(cause, ConfigValueError):
@@ -150,7 +150,14 @@ def check(cfg: DictConfig) -> Job:
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     algorithm = instantiate_group(cfg, "algorithm")
-    datamodule = instantiate_group(cfg, "dataset")
+    # The algorithm says how tasks are walked through; the dataset draws them.
+    datamodule = instantiate_group(
+        cfg,
+        "dataset",
+        train_schedule=algorithm.train_schedule,
+        eval_schedule=algorithm.eval_schedule(),
+        tail_size=algorithm.tail_shots,
+    )
     model = instantiate_group(cfg, "model")
     module = MetaLearner(
         model,

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import adapt_copy
 from torch import nn
 from torch.func import grad
 
 from reptile.algorithms.folded import folded_forward
 from reptile.algorithms.inner_loop import InnerLoop
 from reptile.algorithms.optimizers import SGD, Adam
-from reptile.algorithms.reptile import clones
+from reptile.algorithms.params import broadcast
 from reptile.config import ConfigValueError
 from reptile.models.conv4 import Conv4
 from reptile.models.mlp import MLP
@@ -46,23 +45,6 @@ def make_task(shape: tuple[int, ...], classes: int) -> dict[str, torch.Tensor]:
     }
 
 
-def loop_adapt(model: nn.Module, task: dict, index: int, optimizer: str, loss) -> dict:
-    """The textbook way: deep-copy the model, step a torch optimizer on each mini-batch."""
-    clone = copy.deepcopy(model)
-    if optimizer == "adam":
-        torch_optimizer = torch.optim.Adam(clone.parameters(), lr=0.01, betas=(0.0, 0.999))
-    else:
-        torch_optimizer = torch.optim.SGD(clone.parameters(), lr=0.01)
-    for step in range(STEPS):
-        batch = task["batch_index"][index, step]
-        torch_optimizer.zero_grad()
-        loss(
-            clone(task["support_inputs"][index][batch]), task["support_targets"][index][batch]
-        ).backward()
-        torch_optimizer.step()
-    return {name: p.detach() for name, p in clone.named_parameters()}
-
-
 @pytest.mark.parametrize("backend", ["folded", "vmap"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("name", list(MODELS))
@@ -73,12 +55,12 @@ def test_inner_loop_equals_per_task_loop(name: str, optimizer: str, backend: str
     inner_optimizer = Adam(0.01) if optimizer == "adam" else SGD(0.01)
     inner = InnerLoop(model, loss, inner_optimizer, backend=backend)
     task = make_task(shape, classes)
-    params = clones({n: p.detach() for n, p in model.named_parameters()}, TASKS)
+    params = broadcast({n: p.detach() for n, p in model.named_parameters()}, TASKS)
     adapted, _, losses = inner.adapt(params, inner_optimizer.init(params), task, STEPS)
     assert losses.shape == (STEPS, TASKS)
     loss_fn = F.cross_entropy if classes else F.mse_loss
     for index in range(TASKS):
-        expected = loop_adapt(model, task, index, optimizer, loss_fn)
+        expected, _ = adapt_copy(model, task, index, STEPS, optimizer, 0.01, loss_fn)
         for key, value in expected.items():
             # Batch norm over 4 samples of 1×1 pixels magnifies rounding: vmap differs as much.
             torch.testing.assert_close(adapted[key][index], value, rtol=1e-5, atol=1e-5)
@@ -112,7 +94,7 @@ def test_differentiating_through_the_inner_loop_uses_vmap() -> None:
 
     def through(inner: InnerLoop):
         def adapted_sum(phi):
-            params = clones(phi, TASKS)
+            params = broadcast(phi, TASKS)
             adapted, _, _ = inner.adapt(params, {}, task, STEPS)
             return sum(p.square().sum() for p in adapted.values())
 

@@ -8,13 +8,13 @@ import dataclasses
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
+from helpers import sine_tasks, take_steps, weights
 from torch import nn
 from torch.utils.data import DataLoader
 
 from reptile.algorithms import Reptile
 from reptile.data.sine import SineWaves
-from reptile.data.tasks import InnerSchedule, collate_tasks, inner_batch_index, task_generator
+from reptile.data.tasks import InnerSchedule
 from reptile.lightning.module import MetaLearner
 from reptile.models.mlp import MLP
 
@@ -47,35 +47,31 @@ def train_one_meta_iteration(algorithm: Reptile, tasks: dict[str, torch.Tensor])
     return model
 
 
+def hand_worked_reptile(epsilon: float) -> Reptile:
+    """Inner SGD at lr 0.1, k = 2 batches of both points, constant ε."""
+    return Reptile(
+        inner_optimizer="sgd",
+        inner_lr=0.1,
+        inner_steps=2,
+        inner_batch_size=2,
+        meta_lr=epsilon,
+        meta_lr_final=epsilon,
+    )
+
+
 def test_reptile_update_equals_hand_computation() -> None:
     """Inner SGD, lr 0.1, k = 2, from w = 0, loss mean((w·x − y)²):
     slope 2:  grad −10 → w = 1;    grad −5  → w = 1.5
     slope −1: grad  5  → w = −0.5; grad 2.5 → w = −0.75
     mean W = 0.375; φ ← 0 + ε·(0.375 − 0) = 0.1875 with ε = 0.5."""
-    algorithm = Reptile(
-        inner_optimizer="sgd",
-        inner_lr=0.1,
-        inner_steps=2,
-        inner_batch_size=2,
-        meta_lr=0.5,
-        meta_lr_final=0.5,
-    )
-    model = train_one_meta_iteration(algorithm, hand_worked_tasks())
+    model = train_one_meta_iteration(hand_worked_reptile(epsilon=0.5), hand_worked_tasks())
     assert model.weight.item() == pytest.approx(0.1875, abs=1e-7)
 
 
 def test_serial_reptile_moves_toward_the_single_task_solution() -> None:
     """n = 1, ε = 1: φ becomes W itself, 1.5 for the slope-2 task above."""
     tasks = {key: value[:1] for key, value in hand_worked_tasks().items()}
-    algorithm = Reptile(
-        inner_optimizer="sgd",
-        inner_lr=0.1,
-        inner_steps=2,
-        inner_batch_size=2,
-        meta_lr=1.0,
-        meta_lr_final=1.0,
-    )
-    model = train_one_meta_iteration(algorithm, tasks)
+    model = train_one_meta_iteration(hand_worked_reptile(epsilon=1.0), tasks)
     assert model.weight.item() == pytest.approx(1.5, abs=1e-7)
 
 
@@ -85,29 +81,7 @@ def test_meta_lr_is_annealed_linearly() -> None:
 
 
 def sine_meta_batches(meta_batches: int, tasks: int, steps: int) -> list[dict[str, torch.Tensor]]:
-    waves, schedule = SineWaves(shots=10), InnerSchedule(steps, 5)
-    batches = []
-    for step in range(meta_batches):
-        batch = []
-        for index in range(tasks):
-            generator = task_generator(0, "train", step * tasks + index)
-            task = waves.sample_train_task(generator, tail_size=0)
-            task["batch_index"] = inner_batch_index(10, schedule, generator)
-            batch.append(task)
-        batches.append(collate_tasks(batch))
-    return batches
-
-
-def loop_adapt(
-    model: nn.Module, optimizer: torch.optim.Optimizer, tasks: dict, i: int, steps: int
-) -> None:
-    """`steps` steps of `optimizer` on task `i`'s mini-batches, the textbook way."""
-    for step in range(steps):
-        batch = tasks["batch_index"][i, step]
-        optimizer.zero_grad()
-        inputs, targets = tasks["support_inputs"][i][batch], tasks["support_targets"][i][batch]
-        F.mse_loss(model(inputs), targets).backward()
-        optimizer.step()
+    return [sine_tasks(tasks, steps, 5, first=step * tasks) for step in range(meta_batches)]
 
 
 def reference_training(
@@ -123,7 +97,7 @@ def reference_training(
         for i in range(len(tasks["support_targets"])):
             if inner_state == "carry":
                 optimizer.load_state_dict(copy.deepcopy(start))  # loading aliases tensors
-            loop_adapt(model, optimizer, tasks, i, steps)
+            take_steps(model, optimizer, tasks, i, steps)
             adapted.append(weights(model))
             states.append(copy.deepcopy(optimizer.state_dict()))
             model.load_state_dict(phi)
@@ -135,10 +109,6 @@ def reference_training(
         mean = {name: torch.stack([w[name] for w in adapted]).mean(0) for name in phi}
         model.load_state_dict({name: p + epsilon * (mean[name] - p) for name, p in phi.items()})
     return optimizer.state_dict()
-
-
-def weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("inner_state", ["carry", "sequential"])
@@ -187,6 +157,71 @@ def test_carried_inner_state_follows_a_per_task_loop(inner_state: str) -> None:
             optimizer = torch.optim.Adam(clone.parameters(), lr=0.01, betas=(0.0, 0.999))
             if start == "trained":
                 optimizer.load_state_dict(copy.deepcopy(trained_state))
-            loop_adapt(clone, optimizer, task, i, steps)
+            take_steps(clone, optimizer, task, i, steps)
             for name, value in clone.named_parameters():
                 torch.testing.assert_close(adapted[name][i], value.detach(), **tolerance)
+
+
+def fit(learner: MetaLearner, root, max_steps: int, ckpt_path=None) -> None:
+    """Trains on sine tasks addressed by step, with the project's trainer settings for resuming."""
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        reload_dataloaders_every_n_epochs=1,
+        logger=False,
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True)],
+    )
+    tasks = SineWaves(meta_batch_size=2, train_schedule=InnerSchedule(3, 5), num_val_tasks=0)
+    trainer.fit(learner, datamodule=tasks, ckpt_path=ckpt_path)
+
+
+def test_meta_sgd_learns_its_rates_checkpoints_them_and_resumes_exactly(tmp_path) -> None:
+    """The learned rates are meta-parameters like φ: the outer optimizer moves them, they are in
+    the checkpoint with its optimizer state, and two steps + resume + two steps end where four
+    uninterrupted steps end, for φ and rates alike."""
+    from reptile.algorithms import MetaSGD
+
+    algorithm = MetaSGD(
+        inner_steps=3,
+        inner_batch_size=5,
+        inner_lr=0.02,
+        meta_lr=0.001,
+        meta_lr_final=0.001,  # ε does not depend on the length of the run
+        outer_optimizer="adam",
+    )
+
+    def learner() -> MetaLearner:
+        torch.manual_seed(0)
+        return MetaLearner(MLP(hidden=(8,)), algorithm, loss="mse")
+
+    whole = learner()
+    start = {key: value.clone() for key, value in whole.state_dict().items()}
+    fit(whole, tmp_path / "whole", max_steps=4)
+    rates = [key for key in start if key.startswith("learned.inner_lr.")]
+    assert len(rates) == 4 and all(not torch.equal(whole.state_dict()[k], start[k]) for k in rates)
+
+    fit(learner(), tmp_path / "part", max_steps=2)
+    resumed = learner()
+    fit(resumed, tmp_path / "part", max_steps=4, ckpt_path=tmp_path / "part" / "last.ckpt")
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+    # Evaluation and `reptile.adaptation` step at the learned rates: one step is φ − α ⊙ ∇L.
+    from reptile.adaptation import adapt, load_learner
+
+    learner_config = {"_target_": "reptile.algorithms.MetaSGD", **dataclasses.asdict(algorithm)}
+    resumed.run_config = {"model": {"_target_": "reptile.models.mlp.MLP", "hidden": [8]}}
+    resumed.run_config["algorithm"] = learner_config
+    resumed.trainer.save_checkpoint(tmp_path / "final.ckpt")
+    loaded = load_learner(tmp_path / "final.ckpt")
+    x, y = torch.linspace(-3, 3, 5).unsqueeze(1), torch.linspace(-1, 1, 5).unsqueeze(1)
+    adapted = adapt(loaded, x, y, steps=1)
+    reference = copy.deepcopy(whole.model)
+    torch.nn.functional.mse_loss(reference(x), y).backward()  # eval batch 5: all five points
+    for name, p in reference.named_parameters():
+        rate = whole.state_dict()[f"learned.inner_lr.{name.replace('.', '/')}"]
+        torch.testing.assert_close(adapted.params[name][0], (p - rate * p.grad).detach())

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-Params = dict[str, torch.Tensor]
+from reptile.algorithms.params import Params
+
 FoldedForward = Callable[[Params, torch.Tensor], torch.Tensor]
 
 # Layers that act on each sample's channels alone, the same in either layout (H, W last).

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from reptile.algorithms.base import MetaStep, clones
+from reptile.algorithms.base import MetaStep
 from reptile.algorithms.inner_loop import InnerLoop
-from reptile.algorithms.optimizers import Params, State
+from reptile.algorithms.params import MetaParams, State
 from reptile.algorithms.tail import TailAlgorithm
 from reptile.data.tasks import Task
 
@@ -24,13 +22,7 @@ class FOMAML(TailAlgorithm):
     is Adam's, from the carried moments, as in the reference implementation.
     """
 
-    def meta_gradient(self, inner: InnerLoop, phi: Params, state: State, task: Task) -> MetaStep:
-        tasks = len(task["support_targets"])
-        adapted = clones(phi, tasks)
-        losses = adapted[next(iter(adapted))].new_empty(0, tasks)  # k = 1: the tail is at φ
-        if self.inner_steps > 1:
-            adapted, state, losses = inner.adapt(adapted, state, task, self.inner_steps - 1)
-        grads, tail_losses = inner.task_grad(adapted, *self.tail(task))
-        stepped, state = inner.optimizer.step(adapted, grads, state)
-        gradient = {name: (adapted[name] - stepped[name]).mean(0) for name in phi}
-        return MetaStep(gradient, state, torch.cat([losses, tail_losses.unsqueeze(0)]))
+    def meta_gradient(
+        self, inner: InnerLoop, meta: MetaParams, state: State, task: Task
+    ) -> MetaStep:
+        return self.first_order_gradient(inner, meta, state, task)

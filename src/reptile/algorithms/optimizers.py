@@ -9,13 +9,13 @@ implementation does: with small per-task tensors the cost is the number of calls
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-Params = dict[str, torch.Tensor]
-State = dict[str, Any]
+from reptile.algorithms.params import Params, State
 
 
 def in_functorch_transform() -> bool:
@@ -86,3 +86,10 @@ class Adam:
             "exp_avg": dict(zip(names, exp_avg, strict=True)),
             "exp_avg_sq": dict(zip(names, exp_avg_sq, strict=True)),
         }
+
+
+# `algorithm.inner_optimizer` → the optimizer, from the inner learning rate and Adam's betas.
+INNER_OPTIMIZERS: dict[str, Callable[[float, tuple[float, float]], InnerOptimizer]] = {
+    "sgd": lambda lr, betas: SGD(lr),
+    "adam": lambda lr, betas: Adam(lr, betas),
+}

@@ -1,4 +1,9 @@
-"""The LightningModule: one meta-iteration per `training_step`, by manual optimization."""
+"""The LightningModule: one meta-iteration per `training_step`, by manual optimization.
+
+Glue only: the algorithm adapts, scores and computes the meta-gradient; this module holds φ (the
+model's parameters) and the algorithm's own meta-parameters, sets their gradients for the outer
+optimizer, averages across DDP ranks, checks for divergence, logs, and checkpoints the inner state.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from reptile.algorithms.base import Algorithm, MetaStep, clones
-from reptile.algorithms.inner_loop import InnerLoop, broadcast, task_mean
-from reptile.algorithms.optimizers import Params, State
+from reptile.algorithms.base import Algorithm, ScorePlan
+from reptile.algorithms.params import MetaParams, Params, State
 from reptile.config import ConfigValueError
 from reptile.data.tasks import Task
 from reptile.lightning.metrics import MeanWithConfidence
@@ -21,8 +25,14 @@ class DivergenceError(RuntimeError):
     """Training produced a NaN or infinite value."""
 
 
+def parameter_key(name: str) -> str:
+    """A parameter's name as a key of `nn.ParameterDict`, which refuses dots."""
+    return name.replace(".", "/")
+
+
 class MetaLearner(pl.LightningModule):
-    """φ lives in `model`'s parameters; the algorithm turns tasks into a meta-gradient for them.
+    """φ lives in `model`'s parameters, the algorithm's own meta-parameters (e.g. Meta-SGD's
+    learning rates) in `learned`; the algorithm turns tasks into a meta-gradient for all of them.
 
     With several DDP ranks each rank adapts its share of the meta-batch and the meta-gradients
     are averaged explicitly with an all-reduce (setting `p.grad` by hand bypasses DDP's hooks).
@@ -46,19 +56,25 @@ class MetaLearner(pl.LightningModule):
         self.algorithm = algorithm
         self.loss = loss
         try:
-            self.inner = InnerLoop(
-                model, loss, algorithm.make_inner_optimizer(), algorithm.backend, algorithm.compile
-            )
-        except ConfigValueError as error:  # a backend this model cannot run on
+            self.inner = algorithm.inner_loop(model, loss)
+        except ConfigValueError as error:  # e.g. a backend this model cannot run on
             raise error.under("algorithm") from None
-        self.inner_state: State | None = None  # carried across meta-iterations ("carry")
+        learned = algorithm.init_meta_parameters(model, self.inner.adapted)
+        self.learned = nn.ModuleDict(
+            {
+                group: nn.ParameterDict(
+                    {parameter_key(name): nn.Parameter(value) for name, value in values.items()}
+                )
+                for group, values in learned.items()
+            }
+        )
+        self.inner_state: State | None = None  # carried across meta-iterations
         self.score_plan = self.plan_scores(score_before, score_after)
         self.scores = nn.ModuleDict({name: MeanWithConfidence() for name in self.score_plan})
 
-    def plan_scores(self, before: str | None, after: str) -> dict[str, tuple[int, bool]]:
-        """Score name → (inner steps, transductive). With batch norm the two ways of scoring
-        queries differ; the one not configured is reported too, under a suffixed name (adapting
-        is the expensive part and is shared)."""
+    def plan_scores(self, before: str | None, after: str) -> ScorePlan:
+        """With batch norm the two ways of scoring queries differ; the one not configured is
+        reported too, under a suffixed name (adapting is the expensive part and is shared)."""
         steps, transductive = self.algorithm.eval_inner_steps, self.algorithm.transductive
         plan = {after: (steps, transductive)}
         if before:
@@ -68,55 +84,37 @@ class MetaLearner(pl.LightningModule):
             plan[f"{after}_{other}"] = (steps, not transductive)
         return plan
 
-    def phi(self) -> Params:
-        return {name: p.detach() for name, p in self.model.named_parameters()}
+    def meta_parameter_tensors(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Every meta-parameter by group and parameter name: "phi" and the algorithm's own."""
+        groups = {"phi": dict(self.model.named_parameters())}
+        for group, values in self.learned.items():
+            groups[group] = {key.replace("/", "."): value for key, value in values.items()}
+        return groups
+
+    def meta_parameters(self) -> MetaParams:
+        return {
+            group: {name: p.detach() for name, p in values.items()}
+            for group, values in self.meta_parameter_tensors().items()
+        }
 
     # --- training -------------------------------------------------------------------------
 
-    def initial_inner_state(self, tasks: int) -> State:
-        if self.algorithm.inner_state == "reset" or self.inner_state is None:
-            return self.inner.optimizer.init(clones(self.phi(), tasks))
-        return broadcast(self.inner_state, tasks)
-
-    def meta_step(self, task: Task) -> MetaStep:
-        """The algorithm's meta-gradient for this process's tasks: all at once, or, with
-        `inner_state=sequential`, one task after another, each starting from the inner state
-        the previous one ended with (the reference's order; not vectorised across tasks)."""
-        tasks = len(task["support_targets"])
-        if self.algorithm.inner_state != "sequential":
-            return self.algorithm.meta_gradient(
-                self.inner, self.phi(), self.initial_inner_state(tasks), task
-            )
-        state, steps = self.initial_inner_state(1), []
-        for i in range(tasks):
-            one_task = {key: value[i : i + 1] for key, value in task.items()}
-            steps.append(self.algorithm.meta_gradient(self.inner, self.phi(), state, one_task))
-            state = steps[-1].state
-        gradient = {
-            name: torch.stack([step.gradient[name] for step in steps]).mean(0)
-            for name in steps[0].gradient
-        }
-        return MetaStep(gradient, state, torch.cat([step.losses for step in steps], 1))
-
     def training_step(self, task: Task, batch_idx: int) -> None:
-        step = self.meta_step(task)
-        carry = self.algorithm.inner_state != "reset"
+        step = self.algorithm.meta_step(self.inner, self.meta_parameters(), self.inner_state, task)
         gradient, state, losses = self.mean_over_ranks(
             (
                 step.gradient,
-                task_mean(step.state) if carry else None,
+                step.state,
                 {"first": step.losses[0].mean(), "last": step.losses[-1].mean()},
             )
         )
-        if carry:
+        if state is not None:
             self.inner_state = state
-        self.check_finite(losses["first"], losses["last"], *gradient.values())
+        flat_gradient, _ = tree_flatten(gradient)
+        self.check_finite(losses["first"], losses["last"], *flat_gradient)
 
         optimizer = self.optimizers()
-        optimizer.zero_grad()
-        for name, p in self.model.named_parameters():
-            p.grad = gradient[name]
-        optimizer.step()
+        self.descend(gradient, optimizer)
         self.lr_schedulers().step()
 
         self.log_dict(
@@ -127,6 +125,14 @@ class MetaLearner(pl.LightningModule):
             },
             prog_bar=True,
         )
+
+    def descend(self, gradient: MetaParams, optimizer: Any) -> None:
+        """One step of the outer optimizer with `gradient` as every meta-parameter's gradient."""
+        optimizer.zero_grad()
+        for group, values in self.meta_parameter_tensors().items():
+            for name, p in values.items():
+                p.grad = gradient[group][name]
+        optimizer.step()
 
     def mean_over_ranks(self, tree: Any) -> Any:
         """Every tensor in `tree` averaged over the DDP ranks, by one all-reduce of all of them.
@@ -161,7 +167,7 @@ class MetaLearner(pl.LightningModule):
         raise DivergenceError(f"training diverged at meta-iteration {self.global_step}: {detail}")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.algorithm.make_outer_optimizer(list(self.model.parameters()))
+        optimizer = self.algorithm.make_outer_optimizer(list(self.parameters()))
         total = max(self.trainer.max_steps, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -179,39 +185,25 @@ class MetaLearner(pl.LightningModule):
     # --- evaluation -----------------------------------------------------------------------
 
     def adapted_params(self, task: Task, steps: list[int]) -> dict[int, Params]:
-        """Per-task parameters after each number of inner steps in `steps` (sorted), from φ and
-        the inner-optimizer state `algorithm.eval_inner_state` names."""
-        params = clones(self.phi(), len(task["support_targets"]))
-        if self.algorithm.eval_inner_state == "trained" and self.inner_state is not None:
-            state = broadcast(self.inner_state, len(task["support_targets"]))
-        else:
-            state = self.inner.optimizer.init(params)
-        snapshots, done = {}, 0
-        for target in steps:
-            for step in range(done, target):
-                params, state, _ = self.inner.step(params, state, task, step)
-            snapshots[target], done = params, target
-        return snapshots
+        """Per-task parameters after each number of inner steps in `steps` (sorted)."""
+        return self.algorithm.adapt(
+            self.inner, self.meta_parameters(), self.inner_state, task, steps
+        )
 
     def predict(self, params: Params, task: Task, transductive: bool | None = None) -> torch.Tensor:
+        """Outputs for the task's queries (transductive as configured unless told)."""
         if transductive is None:
             transductive = self.algorithm.transductive
         return self.inner.predict(
             params, task["support_inputs"], task["query_inputs"], transductive
         )
 
-    def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-task score: mean squared error, or accuracy for classification."""
-        if self.loss == "mse":
-            return (predictions - targets).square().flatten(1).mean(1)
-        return (predictions.argmax(-1) == targets).float().mean(1)
-
     def evaluation_step(self, task: Task) -> None:
-        steps = sorted({step for step, _ in self.score_plan.values()})
-        params = self.adapted_params(task, steps)
-        for name, (step, transductive) in self.score_plan.items():
-            predictions = self.predict(params[step], task, transductive)
-            self.scores[name].update(self.score(predictions, task["query_targets"]))
+        scores = self.algorithm.evaluate(
+            self.inner, self.meta_parameters(), self.inner_state, task, self.score_plan
+        )
+        for name, values in scores.items():
+            self.scores[name].update(values)
 
     def log_scores(self, stage: str) -> None:
         for name, metric in self.scores.items():

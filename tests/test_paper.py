@@ -1,0 +1,118 @@
+"""The paper's runs (`python -m reptile.paper`): a run continued on another machine from its
+committed checkpoint ends where an uninterrupted run ends, a changed setting is refused in one
+line, and the table shows the committed results."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_process import environment, results, train
+
+from reptile import paper
+
+# A sine run of 6 meta-iterations whose ε does not depend on its length (outer Adam at a constant
+# rate), so that 3 steps trained elsewhere are the first half of the 6-step run.
+TRAIN = [
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "dataset.num_val_tasks=4",
+    "dataset.num_test_tasks=6",
+    "dataset.grid_points=50",
+    "algorithm.eval_inner_steps=2",
+    "algorithm.meta_lr_final=0.001",
+]
+ROWS = {
+    "tiny": {
+        "train": TRAIN,
+        "evaluations": {"two_steps": [], "one_step": ["algorithm.eval_inner_steps=1"]},
+        "rows": [
+            {
+                "table": "Sine",
+                "column": "10 shots",
+                "method": "Reptile",
+                "evaluation": "two_steps",
+                "metric": "test/mse_after",
+                "paper": [50.0, 1.0],
+            }
+        ],
+    }
+}
+
+
+def make_paper(tmp_path: Path) -> Path:
+    folder = tmp_path / "paper"
+    folder.mkdir()
+    (folder / "rows.yaml").write_text(json.dumps(ROWS))  # JSON is YAML
+    return folder
+
+
+def reptile_paper(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "reptile.paper", "--paper", str(tmp_path / "paper")]
+    command += ["--work", str(tmp_path / "work")]
+    return subprocess.run(
+        [*command, *arguments],
+        cwd=tmp_path,
+        env=environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_a_run_continues_from_its_committed_checkpoint_to_the_uninterrupted_result(
+    tmp_path: Path,
+) -> None:
+    folder = make_paper(tmp_path)
+    # Trained elsewhere: the first 3 of the 6 meta-iterations, committed as the run's checkpoint.
+    train(tmp_path, *TRAIN, "trainer.max_steps=3", "logger=none", "hydra.run.dir=elsewhere")
+    (folder / "tiny").mkdir()
+    shutil.copy(tmp_path / "elsewhere/checkpoints/last.ckpt", folder / "tiny/checkpoint.ckpt")
+    # The same 6 meta-iterations, uninterrupted.
+    train(tmp_path, *TRAIN, "logger=none", "hydra.run.dir=whole")
+
+    finished = reptile_paper(tmp_path, "continue", "tiny", "threads=1")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    record = json.loads((folder / "tiny/run.json").read_text())
+    assert [(p["from_step"], p["to_step"]) for p in record["training"]] == [(3, 6)]
+    assert set(record["evaluation"]) == {"two_steps", "one_step"}
+    scored = json.loads((folder / "tiny/results/two_steps.json").read_text())
+    assert scored == results(tmp_path / "whole")
+    one_step = json.loads((folder / "tiny/results/one_step.json").read_text())
+    assert one_step["test/mse_after"] != scored["test/mse_after"]
+    assert (folder / "tiny/curve.csv").read_text().splitlines()[1].startswith("6,")
+
+    refused = reptile_paper(tmp_path, "continue", "tiny", "algorithm.inner_lr=0.5")
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        f"error: run tiny: algorithm.inner_lr=0.5 differs from the run's 0.01 "
+        f"({folder / 'tiny' / 'config.yaml'}); a run continues only with its own config: "
+        "start a new run in rows.yaml instead"
+    ]
+
+    shown = reptile_paper(tmp_path, "table")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    row = next(line for line in shown.stdout.splitlines() if "Reptile" in line)
+    mean, ci = scored["test/mse_after"], scored["test/mse_after_ci95"]
+    assert f"| 10 shots | Reptile | 50.00 ± 1.00 | {100 * mean:.2f} ± {100 * ci:.2f} |" in row
+    assert "| 6 of 6 (" in row
+
+
+def test_machine_settings_are_not_a_different_run(tmp_path: Path) -> None:
+    run = paper.load_runs(make_paper(tmp_path), tmp_path / "work")["tiny"]
+    base = paper.check_config(run, [])
+    machine = [
+        "threads=2",
+        "paths.data_dir=/elsewhere",
+        "dataset.num_workers=3",
+        "algorithm.backend=vmap",
+        "trainer.val_check_interval=2",
+        "logger=csv",
+    ]
+    assert paper.check_config(run, machine) == base
+    assert paper.check_config(run, ["seed=1"])["seed"] == 1
