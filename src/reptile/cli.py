@@ -97,9 +97,9 @@ class StopRequest:
 
     Outside a Lightning stage a signal stops the process at once. During one (`defer`) it is only
     recorded: `reptile.lightning.callbacks.StopOnSignal` acts on it at the end of the current
-    meta-iteration or evaluation batch, where all DDP ranks agree to stop and a checkpoint is
-    consistent. A repeated signal changes nothing, so that a signal sent to every rank and also
-    forwarded to them by rank 0 is one request.
+    meta-iteration (where the DDP ranks agree to stop and a checkpoint is consistent) or
+    evaluation batch. A repeated signal changes nothing, so that a signal sent to every rank and
+    also forwarded to them by rank 0 is one request.
     """
 
     def __init__(self) -> None:
