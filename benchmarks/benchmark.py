@@ -1,6 +1,7 @@
 """The project's training step against the per-task loop, and against the hardware's limit.
 
     python benchmarks/benchmark.py [--quick] [--out benchmarks/results-cpu.md]
+    python benchmarks/benchmark.py --data-loading [--data-dir data] [--threads 1]
 
 For every setting both implementations start from the same φ and run the same meta-batches,
 alternating round by round so that load from other processes hits both alike. Before timing, the
@@ -15,6 +16,10 @@ run checks that one meta-iteration of each, from the same φ on the same tasks, 
 - for sine, also the project's step with `algorithm.compile=true` (timed after its warm-up; the
   cold compile time of that warm-up separately), which must reach the loop's φ after one
   meta-iteration to float32 tolerance (its float64 graph would be one more cold compile).
+- with `--data-loading` instead, on the real datasets under `--data-dir` (Omniglot's archives,
+  mini-imagenet.zip): meta-batches/s that the DataLoader delivers from the real `TrainTasks` with
+  0, 1 and 2 workers, beside the training step's rate on those meta-batches and the rate of the
+  step fed by one worker (as the presets run), so that one sees whether loading keeps up.
 The project's step is what `MetaLearner.training_step` runs, built by the same classes:
 `algorithm.meta_gradient` with the module's inner loop and carried state, then the outer
 optimizer's step on p.grad (the all-reduce, logging and scheduler are left out: one process, ε
@@ -45,11 +50,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from reptile.algorithms import Reptile
 from reptile.algorithms.base import Algorithm
-from reptile.data.tasks import Task
+from reptile.data.datamodule import TaskDataModule
+from reptile.data.miniimagenet import MiniImageNet
+from reptile.data.omniglot import Omniglot
+from reptile.data.tasks import InnerSchedule, Task
 from reptile.lightning.module import MetaLearner
 from reptile.models.conv4 import Conv4
 from reptile.models.mlp import MLP
@@ -434,6 +443,102 @@ def memory_table(device: torch.device, quick: bool) -> list[str]:
     return lines
 
 
+# The training settings whose meta-batches come from a real dataset (Adam, as the presets), and
+# the dataset class and folder under --data-dir that each reads.
+REAL_DATA = {
+    "Omniglot 5-way": (Omniglot, "omniglot"),
+    "Omniglot 20-way": (Omniglot, "omniglot"),
+    "Mini-ImageNet 5-way": (MiniImageNet, "miniimagenet"),
+}
+LOADER_WORKERS = (0, 1, 2)
+
+
+def real_datamodule(setting: Setting, data_dir: Path, cache_dir: str | None) -> TaskDataModule:
+    """The dataset behind `setting`, drawing its training tasks: the same shapes and schedule."""
+    dataset, folder = REAL_DATA[setting.name]
+    ways = MODELS[setting.model][2]
+    data = dataset(
+        root=data_dir / folder,
+        cache_dir=cache_dir,
+        ways=ways,
+        train_shots=setting.support // ways,
+        meta_batch_size=setting.meta_batch,
+        train_schedule=InnerSchedule(steps=setting.inner_steps, batch_size=setting.inner_batch),
+    )
+    data.setup()  # decodes into the cache on first use: not timed
+    real = next(iter(train_loader(data, 0, 1)))
+    for key, value in random_tasks(setting, 1, torch.device("cpu"))[0].items():
+        if real[key].shape != value.shape:  # the table would time another setting
+            raise AssertionError(
+                f"{setting.name}: real {key} {tuple(real[key].shape)}, timed {tuple(value.shape)}"
+            )
+    return data
+
+
+def train_loader(data: TaskDataModule, workers: int, batches: int) -> DataLoader:
+    return DataLoader(data.train_tasks(0, batches), batch_size=None, num_workers=workers)
+
+
+def loader_rate(data: TaskDataModule, workers: int, batches: int) -> float:
+    """Meta-batches/s the DataLoader delivers from the real TrainTasks, not counting the first
+    (the workers' start)."""
+    loaded = iter(train_loader(data, workers, batches + 1))
+    next(loaded)
+    start = time.perf_counter()
+    for _ in loaded:
+        pass
+    return batches / (time.perf_counter() - start)
+
+
+def step_rates(
+    setting: Setting, data: TaskDataModule, rounds: int, device: torch.device
+) -> tuple[float, float]:
+    """Training steps/s of the project's step on real meta-batches: alone (the meta-batches
+    loaded beforehand), and fed by a DataLoader with one worker, as the presets train."""
+    learner = project_learner(setting, device)
+    step = project_step(
+        learner, learner.algorithm.make_outer_optimizer(list(learner.model.parameters()))
+    )
+
+    def on_device(task: Task) -> Task:
+        return {key: value.to(device) for key, value in task.items()}
+
+    tasks = [on_device(task) for task in train_loader(data, 0, rounds + 1)]
+    step(tasks[0])  # warm-up
+    alone = 1 / statistics.median(timed(step, task, device) for task in tasks[1:])
+    loaded = iter(train_loader(data, 1, rounds + 1))
+    step(on_device(next(loaded)))  # the worker's start and a warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for task in loaded:
+        step(on_device(task))
+    synchronize(device)
+    return alone, rounds / (time.perf_counter() - start)
+
+
+def data_loading_table(
+    device: torch.device, data_dir: Path, cache_dir: str | None, rounds: int
+) -> list[str]:
+    """Whether task sampling keeps up with the training step, per dataset (see the docstring)."""
+    lines = [
+        "| setting | training step alone (it/s) | loader, 0 / 1 / 2 workers (meta-batches/s) "
+        "| step fed by 1 worker (it/s) |",
+        "|---|---|---|---|",
+    ]
+    for setting in (s for s in SETTINGS if s.name in REAL_DATA and s.inner_optimizer == "adam"):
+        data = real_datamodule(setting, data_dir, cache_dir)
+        rates = [loader_rate(data, workers, 4 * rounds) for workers in LOADER_WORKERS]
+        alone, fed = step_rates(setting, data, rounds, device)
+        line = (
+            f"| {setting.name} (k={setting.inner_steps}, meta-batch {setting.meta_batch}, "
+            f"{setting.support} images per task) | {alone:.2f} "
+            f"| {' / '.join(f'{rate:.1f}' for rate in rates)} | {fed:.2f} |"
+        )
+        lines.append(line)
+        print(line, flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds, a few settings")
@@ -448,6 +553,16 @@ def main() -> None:
         help="only the training settings whose name contains this (e.g. sine); no evaluation "
         "or memory table",
     )
+    parser.add_argument(
+        "--data-loading",
+        action="store_true",
+        help="only the data-loading table: the DataLoader's rate against the training step's, on "
+        "the real datasets under --data-dir",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path("data"), help="holds omniglot/ and miniimagenet/"
+    )
+    parser.add_argument("--cache-dir", default=None, help="the image cache (default ~/.cache)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -458,6 +573,12 @@ def main() -> None:
         print(json.dumps(peak_memory_here(Setting(**probe["setting"]), device, probe["loop"])))
         return
 
+    if args.data_loading:
+        rounds = args.rounds or (3 if args.quick else 7)
+        loading = data_loading_table(device, args.data_dir, args.cache_dir, rounds)
+        if args.out:
+            args.out.write_text("\n".join(loading) + "\n")
+        return
     if args.memory_only:
         memory = memory_table(device, args.quick)
         print("\n".join(memory))

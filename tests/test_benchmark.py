@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from reptile.data.sine import SineWaves
+from reptile.data.tasks import InnerSchedule
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
 spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
 benchmark = importlib.util.module_from_spec(spec)
@@ -44,3 +47,12 @@ def test_memory_probe_reports_a_size() -> None:
     mib = benchmark.peak_memory(setting, CPU)
     assert set(mib) == {"project", "loop"}
     assert all(math.isfinite(value) and value >= 0 for value in mib.values())
+
+
+def test_data_loading_rates_on_sine() -> None:
+    setting = benchmark.SETTINGS[0]
+    schedule = InnerSchedule(steps=setting.inner_steps, batch_size=setting.inner_batch)
+    data = SineWaves(shots=setting.support, train_schedule=schedule)
+    assert all(benchmark.loader_rate(data, workers, batches=3) > 0 for workers in (0, 1))
+    alone, fed = benchmark.step_rates(setting, data, rounds=2, device=CPU)
+    assert alone > 0 and fed > 0

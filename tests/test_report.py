@@ -76,5 +76,5 @@ def test_report_names_an_unknown_key_in_one_line(sweep: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: --x/--hue key 'algorithm.nope': not in the config of job {sweep / '0'}"
+        "error: --x/--hue key 'algorithm.nope': not in the config of any job"
     ]

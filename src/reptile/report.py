@@ -39,9 +39,7 @@ class Job:
         if key in self.choices:
             return str(self.choices[key])
         value = OmegaConf.select(self.config, key, default=None)
-        if value is None:
-            raise ReportError(f"--x/--hue key {key!r}: not in the config of job {self.path}")
-        return str(value)
+        return "n/a" if value is None else str(value)  # e.g. a knob only some algorithms have
 
 
 class ReportError(ValueError):
@@ -122,6 +120,10 @@ def tabulate(jobs: list[Job], x: str | None, y: str, hue: str | None) -> dict:
     for job in jobs:
         if y not in job.results:
             raise ReportError(f"--y {y!r}: not in {job.path / 'results.json'}")
+    for keys in filter(None, (x, hue)):
+        for key in keys.split(","):
+            if all(job._value(key) == "n/a" for job in jobs):
+                raise ReportError(f"--x/--hue key {key!r}: not in the config of any job")
     x_of = {job.path: job.value(x) if x else y for job in jobs}
     hue_of = {job.path: job.value(hue) if hue else y for job in jobs}
     table = {}

@@ -1,8 +1,7 @@
-"""ImageFolder (a folder of images per class), and the image cache's checks, on generated data."""
+"""ImageFolder (a folder of images per class), on generated data; its cache in test_images.py."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -94,44 +93,6 @@ def test_bad_options_fail_with_one_line(root, tmp_path):
         make(tmp_path / "no_images", tmp_path)
     with pytest.raises(ConfigValueError, match="ways=5: expected at most 2, .* val split"):
         make(root, tmp_path, ways=5)
-
-
-def cache_file(tmp_path: Path) -> Path:
-    (path,) = (tmp_path / "cache").glob("imagefolder-*.pt")
-    return path
-
-
-def flip_a_pixel(path: Path) -> None:
-    cached = torch.load(path, weights_only=True)
-    cached["images"][3, 0, 5, 5] ^= 1  # the checksum no longer matches
-    torch.save(cached, path)
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[:-100])
-
-
-@pytest.mark.parametrize("damage", [flip_a_pixel, truncate])
-def test_damaged_cache_is_rebuilt(root, tmp_path, caplog, damage):
-    first = make(root, tmp_path, ways=2)
-    damage(cache_file(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="reptile.data.images"):
-        rebuilt = make(root, tmp_path, ways=2)
-    assert "is damaged" in caplog.text and "rebuilding" in caplog.text
-    assert torch.equal(first.splits["train"].images, rebuilt.splits["train"].images)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="reptile.data.images"):
-        make(root, tmp_path, ways=2)
-    assert not caplog.text
-
-
-def test_unwritable_cache_only_warns(root, tmp_path, caplog):
-    (tmp_path / "cache").write_text("a file where the cache folder should be")
-    with caplog.at_level(logging.WARNING, logger="reptile.data.images"):
-        data = make(root, tmp_path, ways=2)
-    assert "Could not write the image cache" in caplog.text
-    assert data.splits["train"].images.shape[0] == NUM_CLASSES * IMAGES_PER_CLASS
-    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
 
 
 def test_config(compose, root, tmp_path):

@@ -1,11 +1,11 @@
-"""Omniglot on the real archives in ../shared/data/omniglot (read-only), cached in a tmp folder."""
+"""Omniglot on the real archives in ../shared/data/omniglot (read-only), cached in a tmp folder.
+
+The archives are decoded once per session (the `omniglot_cache` fixture); the cache's own checks
+are in test_images.py."""
 
 from __future__ import annotations
 
 import io
-import logging
-import shutil
-import time
 import zipfile
 from pathlib import Path
 
@@ -19,39 +19,19 @@ from reptile.config import ConfigValueError
 from reptile.data import images as image_cache
 from reptile.data.omniglot import Omniglot
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-ROOT = SHARED_DATA / "omniglot"
+from .real_data import OMNIGLOT, SHARED_DATA, needs_omniglot
 
-pytestmark = pytest.mark.skipif(
-    not (ROOT / "images_background.zip").is_file(),
-    reason=f"the Omniglot archives are not in {ROOT} (shared/ beside the repository)",
-)
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """A cache built once for the whole session (decoding 32,460 PNGs takes seconds)."""
-    directory = tmp_path_factory.mktemp("omniglot-cache")
-    Omniglot(root=ROOT, cache_dir=str(directory)).prepare_data()
-    return directory
+pytestmark = needs_omniglot
 
 
 @pytest.fixture
-def omniglot(cache_dir):
+def omniglot(omniglot_cache):
     def make(**options) -> Omniglot:
-        data = Omniglot(root=ROOT, cache_dir=str(cache_dir), **options)
+        data = Omniglot(root=OMNIGLOT, cache_dir=str(omniglot_cache), **options)
         data.setup()
         return data
 
     return make
-
-
-@pytest.fixture
-def no_decoding(monkeypatch):
-    def decode(*args, **kwargs):
-        raise AssertionError("decoded images although a valid cache was there")
-
-    monkeypatch.setattr(image_cache, "decode_images", decode)
 
 
 def generator(seed: int) -> torch.Generator:
@@ -93,7 +73,7 @@ def test_cached_images_are_the_resized_pngs(omniglot):
     split = omniglot().splits["test"]
     for c in range(0, len(split.names), 47):
         name = split.names[c]  # images_{background,evaluation}/<alphabet>/<character>
-        with zipfile.ZipFile(ROOT / f"{name.split('/')[0]}.zip") as archive:
+        with zipfile.ZipFile(OMNIGLOT / f"{name.split('/')[0]}.zip") as archive:
             names = archive.namelist()
             drawings = sorted(m for m in names if m.startswith(name + "/") and m.endswith(".png"))
             for index in (0, 19):
@@ -172,58 +152,6 @@ def test_tasks_are_deterministic_per_seed(omniglot):
         assert not torch.equal(first["support_inputs"], other["support_inputs"])
 
 
-def test_cache_is_reused_without_decoding(cache_dir, no_decoding):
-    started = time.perf_counter()
-    data = Omniglot(root=ROOT, cache_dir=str(cache_dir))
-    data.setup()
-    elapsed = time.perf_counter() - started
-    assert data.splits["train"].images.shape == (32_460, 1, 28, 28)
-    assert elapsed < 10, f"loading the cache took {elapsed:.1f} s"
-
-
-def damaged_copy(cache_dir: Path, tmp_path: Path, damage) -> Path:
-    (cache,) = cache_dir.glob("omniglot-*.pt")
-    copy = tmp_path / "cache"
-    copy.mkdir()
-    shutil.copy(cache, copy / cache.name)
-    damage(copy / cache.name)
-    return copy
-
-
-def write_garbage(path: Path) -> None:
-    path.write_bytes(b"garbage" * 1000)
-
-
-def mark_stale(path: Path) -> None:
-    cached = torch.load(path, weights_only=True)
-    torch.save({**cached, "fingerprint": "made from other files"}, path)
-
-
-@pytest.mark.parametrize(("damage", "problem"), [(write_garbage, "damaged"), (mark_stale, "stale")])
-def test_damaged_or_stale_cache_is_rebuilt(
-    cache_dir, tmp_path, caplog, monkeypatch, damage, problem
-):
-    copy = damaged_copy(cache_dir, tmp_path, damage)
-    reference = Omniglot(root=ROOT, cache_dir=str(cache_dir)).splits["train"].images
-    decoded = []
-
-    def decode(files, image_size, channels):  # the real decoding is what built cache_dir
-        decoded.append(len(files))
-        return reference.clone()
-
-    monkeypatch.setattr(image_cache, "decode_images", decode)
-    with caplog.at_level(logging.WARNING, logger="reptile.data.images"):
-        Omniglot(root=ROOT, cache_dir=str(copy)).setup()
-    assert f"is {problem}" in caplog.text and "rebuilding" in caplog.text
-    assert decoded == [32_460]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="reptile.data.images"):
-        again = Omniglot(root=ROOT, cache_dir=str(copy))  # the rebuilt cache is valid
-        again.setup()
-    assert not caplog.text and decoded == [32_460]
-    assert torch.equal(again.splits["train"].images, reference)
-
-
 def test_missing_files_fail_with_one_line(tmp_path):
     with pytest.raises(ConfigValueError) as error:
         Omniglot(root=tmp_path)
@@ -235,7 +163,7 @@ def test_missing_files_fail_with_one_line(tmp_path):
 
 
 def test_incomplete_copy_is_rejected(tmp_path):
-    (tmp_path / "images_background.zip").symlink_to(ROOT / "images_background.zip")
+    (tmp_path / "images_background.zip").symlink_to(OMNIGLOT / "images_background.zip")
     with zipfile.ZipFile(tmp_path / "images_evaluation.zip", "w") as partial:
         partial.writestr("images_evaluation/Angelic/character01/0965_01.png", b"")
     with pytest.raises(ConfigValueError, match="1 characters and 1 images instead of 659 and"):
@@ -243,20 +171,22 @@ def test_incomplete_copy_is_rejected(tmp_path):
 
 
 def test_extracted_folders_list_the_same_images(tmp_path):
-    (tmp_path / "images_background.zip").symlink_to(ROOT / "images_background.zip")
-    with zipfile.ZipFile(ROOT / "images_evaluation.zip") as archive:
+    (tmp_path / "images_background.zip").symlink_to(OMNIGLOT / "images_background.zip")
+    with zipfile.ZipFile(OMNIGLOT / "images_evaluation.zip") as archive:
         archive.extractall(tmp_path)
     from_folder = Omniglot(root=tmp_path).character_files()
-    from_zips = Omniglot(root=ROOT).character_files()
+    from_zips = Omniglot(root=OMNIGLOT).character_files()
     assert list(from_folder) == list(from_zips)
     assert [len(files) for files in from_folder.values()] == [20] * 1623
     character = "images_evaluation/Angelic/character01"
     assert from_folder[character][0].archive is None
-    decoded = image_cache.decode_chunk((0, None, [f.path for f in from_folder[character]], 28, 1))
-    from_zip = image_cache.decode_chunk(
-        (0, str(ROOT / "images_evaluation.zip"), [f.path for f in from_zips[character]], 28, 1)
+    decoded, failure = image_cache.decode_chunk(
+        (None, [f.path for f in from_folder[character]], 28, 1)
     )
-    assert np.array_equal(decoded[1], from_zip[1])
+    from_zip, _ = image_cache.decode_chunk(
+        (str(OMNIGLOT / "images_evaluation.zip"), [f.path for f in from_zips[character]], 28, 1)
+    )
+    assert failure is None and np.array_equal(decoded, from_zip)
 
 
 def file_url(path: Path) -> str:
@@ -265,7 +195,7 @@ def file_url(path: Path) -> str:
 
 def test_download_checks_what_it_got(tmp_path, monkeypatch):
     root = tmp_path / "omniglot"
-    urls = {name: file_url(ROOT / f"{name}.zip") for name in Omniglot.URLS}
+    urls = {name: file_url(OMNIGLOT / f"{name}.zip") for name in Omniglot.URLS}
     monkeypatch.setattr(Omniglot, "URLS", urls)
     characters = Omniglot(root=root, download=True).character_files()
     assert len(characters) == 1623
@@ -290,8 +220,8 @@ def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, content):
 
 def test_wrong_download_is_rejected(tmp_path, monkeypatch):
     served = {
-        "images_background": file_url(ROOT / "images_evaluation.zip"),  # the wrong archive
-        "images_evaluation": file_url(ROOT / "images_evaluation.zip"),
+        "images_background": file_url(OMNIGLOT / "images_evaluation.zip"),  # the wrong archive
+        "images_evaluation": file_url(OMNIGLOT / "images_evaluation.zip"),
     }
     monkeypatch.setattr(Omniglot, "URLS", served)
     root = tmp_path / "omniglot"
@@ -305,17 +235,17 @@ def test_too_few_val_characters_for_the_ways(omniglot):
         omniglot(num_val_characters=3)
 
 
-def test_config(compose, cache_dir):
+def test_config(compose, omniglot_cache):
     cfg = compose(
         "dataset=omniglot",
         "model=conv4_omniglot",
         f"paths.data_dir={SHARED_DATA}",
-        f"dataset.cache_dir={cache_dir}",
+        f"dataset.cache_dir={omniglot_cache}",
         "dataset.ways=20",
     )
     data = instantiate(cfg.dataset, _convert_="all")
     assert isinstance(data, Omniglot)
     assert (data.ways, data.shots, data.train_shots, data.query_shots) == (20, 1, 10, 1)
-    assert data.root == ROOT
+    assert data.root == OMNIGLOT
     model = instantiate(cfg.model, _convert_="all")
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 20)

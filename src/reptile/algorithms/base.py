@@ -78,7 +78,8 @@ class Algorithm(ABC):
     compile: bool = False
     # Evaluation adapts as many of a batch's tasks at once as fit in this many MiB of
     # activations (estimated from the model's layer sizes); the rest wait for the next chunk.
-    eval_memory_mib: int = 1024
+    # None: 1024 on CPU, a quarter of the free memory on a GPU.
+    eval_memory_mib: int | None = None
 
     def __post_init__(self) -> None:
         require_int("inner_steps", self.inner_steps, 1)
@@ -102,7 +103,8 @@ class Algorithm(ABC):
         require_int("tail_shots", self.tail_shots, 0)
         require_choice("backend", self.backend, BACKENDS)
         require(isinstance(self.compile, bool), "compile", self.compile, "true or false")
-        require_int("eval_memory_mib", self.eval_memory_mib, 1)
+        if self.eval_memory_mib is not None:
+            require_int("eval_memory_mib", self.eval_memory_mib, 1)
 
     # --- the inner loop's mini-batches, the outer optimizer ---------------------------------
 
@@ -212,6 +214,13 @@ class Algorithm(ABC):
             snapshots[target], done = params, target
         return snapshots
 
+    def eval_memory_bytes(self, device: torch.device) -> int:
+        if self.eval_memory_mib is not None:
+            return self.eval_memory_mib * 2**20
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0] // 4
+        return 2**30
+
     def evaluate(
         self,
         inner: InnerLoop,
@@ -224,7 +233,7 @@ class Algorithm(ABC):
         are adapted and scored in chunks that fit `eval_memory_mib`."""
         non_transductive = any(not transductive for _, transductive in plan.values())
         per_task = inner.evaluation_bytes(task, self.eval_batch_size, non_transductive)
-        chunk = max(1, self.eval_memory_mib * 2**20 // per_task)
+        chunk = max(1, self.eval_memory_bytes(task["support_inputs"].device) // per_task)
         scores: dict[str, list[torch.Tensor]] = {name: [] for name in plan}
         for start in range(0, len(task["support_targets"]), chunk):
             part = {key: value[start : start + chunk] for key, value in task.items()}

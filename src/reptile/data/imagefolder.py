@@ -8,14 +8,14 @@ from typing import Any
 
 import torch
 
-from reptile.config import is_int, require, require_int
-from reptile.data.fewshot import FewShotClassification, Split
-from reptile.data.images import ClassFiles, ImageFile, cache_path, load_classes
+from reptile.config import is_number, require, require_int
+from reptile.data.fewshot import Split
+from reptile.data.images import ClassFiles, ImageDataset, ImageFile
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-class ImageFolder(FewShotClassification):
+class ImageFolder(ImageDataset):
     """Tasks from `root/<class>/*.{png,jpg,jpeg}`, resized to `image_size` squares.
 
     The classes (sub-folders with at least one image, sorted by name) are shuffled with
@@ -24,6 +24,9 @@ class ImageFolder(FewShotClassification):
     The images are decoded once into a cache under `cache_dir` (default
     `~/.cache/reptile/imagefolder`). No rotations.
     """
+
+    cache_name = "imagefolder"
+    repair = "replace or remove that file"
 
     def __init__(
         self,
@@ -36,17 +39,10 @@ class ImageFolder(FewShotClassification):
         split_seed: int = 0,
         **options: Any,
     ) -> None:
-        super().__init__(**options)
-        require_int("image_size", image_size, 1)
-        require(
-            is_int(channels) and channels in (1, 3),
-            "channels",
-            channels,
-            "1 (grayscale) or 3 (RGB)",
-        )
+        super().__init__(root, cache_dir, image_size, channels, **options)
         for key, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            number = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
-            require(number and 0 <= fraction < 1, key, fraction, "a fraction in [0, 1)")
+            fraction_ok = is_number(fraction) and 0 <= fraction < 1
+            require(fraction_ok, key, fraction, "a fraction in [0, 1)")
         require(
             val_fraction + test_fraction < 1,
             "test_fraction",
@@ -54,20 +50,13 @@ class ImageFolder(FewShotClassification):
             f"less than 1 - val_fraction = {1 - val_fraction:g}, to leave classes for training",
         )
         require_int("split_seed", split_seed, 0)
-        self.root = Path(root).expanduser()
         require(self.root.is_dir(), "root", str(self.root), "a folder with a sub-folder per class")
-        self.cache_dir = cache_dir
-        self.image_size = image_size
-        self.channels = channels
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
 
-    def load_splits(self) -> dict[str, Split]:
-        cache = cache_path(
-            self.cache_dir, "imagefolder", self.root, f"{self.image_size}px", f"{self.channels}ch"
-        )
-        classes = load_classes(self.class_files(), self.image_size, self.channels, cache)
+    def image_splits(self) -> dict[str, Split]:
+        classes = self.load_images(self.class_files())
         shuffle = torch.Generator().manual_seed(self.split_seed)
         order = torch.randperm(len(classes.names), generator=shuffle).tolist()
         num_test = round(self.test_fraction * len(order))

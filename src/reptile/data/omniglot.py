@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from reptile.config import ConfigValueError, is_int, require, require_int
-from reptile.data.fewshot import FewShotClassification, Split
-from reptile.data.images import ClassFiles, ImageFile, cache_path, load_classes
+from reptile.config import is_int, require, require_int
+from reptile.data.fewshot import Split
+from reptile.data.images import ClassFiles, ImageDataset, ImageFile, open_archive
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ ARCHIVES = {"images_background": (964, 19_280), "images_evaluation": (659, 13_18
 NUM_CHARACTERS = sum(characters for characters, _ in ARCHIVES.values())  # 1623
 
 
-class Omniglot(FewShotClassification):
+class Omniglot(ImageDataset):
     """The paper's Omniglot tasks, read from the official archives or their extracted folders.
 
     `root` holds `images_background.zip` and `images_evaluation.zip` (or the folders extracted
@@ -47,6 +47,8 @@ class Omniglot(FewShotClassification):
     """
 
     URLS = {name: f"{SOURCE}{name}.zip" for name in ARCHIVES}
+    cache_name = "omniglot"
+    repair = f"replace it with the official archive from {PAGE} (or the folder extracted from it)"
 
     def __init__(
         self,
@@ -60,8 +62,7 @@ class Omniglot(FewShotClassification):
         split_seed: int = 0,
         **options: Any,
     ) -> None:
-        super().__init__(**options)
-        require_int("image_size", image_size, 1)
+        super().__init__(root, cache_dir, image_size, 1, **options)
         require(
             is_int(num_train_characters) and 1 <= num_train_characters < NUM_CHARACTERS,
             "num_train_characters",
@@ -76,10 +77,7 @@ class Omniglot(FewShotClassification):
             f"an integer from 0 to {most_val} (taken from the training characters)",
         )
         require_int("split_seed", split_seed, 0)
-        self.root = Path(root).expanduser()
-        self.cache_dir = cache_dir
         self.download = download
-        self.image_size = image_size
         self.num_train_characters = num_train_characters
         self.num_val_characters = num_val_characters
         self.hold_out_val = hold_out_val
@@ -87,13 +85,8 @@ class Omniglot(FewShotClassification):
         if not download:
             self.missing_archives(raise_error=True)  # fail before anything trains
 
-    def load_splits(self) -> dict[str, Split]:
-        characters = load_classes(
-            self.character_files(),
-            self.image_size,
-            1,
-            cache_path(self.cache_dir, "omniglot", self.root, f"{self.image_size}px"),
-        )
+    def image_splits(self) -> dict[str, Split]:
+        characters = self.load_images(self.character_files())
         shuffle = torch.Generator().manual_seed(self.split_seed)
         order = torch.randperm(len(characters.names), generator=shuffle).tolist()
         train = order[: self.num_train_characters]
@@ -184,16 +177,8 @@ class Omniglot(FewShotClassification):
 def list_archive(path: Path, name: str) -> ClassFiles:
     """The PNGs of an official archive, by character `name/<alphabet>/<character>`."""
     characters: ClassFiles = {}
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.namelist()
-    except zipfile.BadZipFile as error:  # a truncated or damaged download: name it
-        raise ConfigValueError(
-            "root",
-            str(path.parent),
-            f"the official {name}.zip, but {path} is not a whole zip archive ({error}; "
-            f"truncated or damaged): replace it with {SOURCE}{name}.zip",
-        ) from None
+    with open_archive(path) as archive:
+        members = archive.namelist()
     for member in sorted(members):
         parts = member.split("/")
         # Skips folders and the resource forks (__MACOSX/, ._*) that macOS adds to archives.
