@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import ctypes
 import ctypes.util
 import importlib
@@ -41,6 +42,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -62,6 +64,8 @@ from reptile.data.tasks import InnerSchedule, Task
 from reptile.lightning.module import MetaLearner
 from reptile.models.conv4 import Conv4
 from reptile.models.mlp import MLP
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def bf16_fast(device: torch.device) -> bool:
+    """Whether the hardware has bfloat16 matrix units: tensor cores, or AMX on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def autocast_bf16(step: Callable[[Task], None], device: torch.device) -> Callable[[Task], None]:
+    """`step` as Lightning runs it under trainer.precision=bf16-mixed."""
+
+    def run(task: Task) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            step(task)
+
+    return run
+
+
 def timed(step: Callable[[Task], None], task: Task, device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
@@ -304,6 +325,9 @@ class Result:
     project_mib: float
     loop_mib: float
     max_error: float
+    bf16: float = float(
+        "nan"
+    )  # meta-iterations/s under bf16 autocast (trainer.precision=bf16-mixed)
     compiled: float = float("nan")  # meta-iterations/s with algorithm.compile=true
     compile_seconds: float = float("nan")  # its cold warm-up
     compiled_error: float = float("nan")  # max |Δφ| / max |φ| against the loop, 1 it. float32
@@ -343,6 +367,8 @@ def compare(setting: Setting, rounds: int, device: torch.device, memory: bool) -
         )
         for which, each in learners.items()
     }
+    if bf16_fast(device):
+        steps["bf16"] = autocast_bf16(steps["project"], device)
     steps["loop"] = loop_step(baseline, setting)
     # Two warm-up meta-iterations: with Adam the compiled step compiles once more on its second
     # call (the carried step count turns symbolic), and neither compile may be timed. The
@@ -371,6 +397,7 @@ def compare(setting: Setting, rounds: int, device: torch.device, memory: bool) -
             compile_seconds=warm_up["compiled"],
             compiled_error=compiled_error,
         )
+    bf16 = 1 / statistics.median(times["bf16"]) if "bf16" in times else float("nan")
     flops = count_flops(steps["loop"], tasks[0])  # the textbook computation: what both must do
     nan = float("nan")
     mib = peak_memory(setting, device) if memory else {"project": nan, "loop": nan}
@@ -382,6 +409,7 @@ def compare(setting: Setting, rounds: int, device: torch.device, memory: bool) -
         mib["project"],
         mib["loop"],
         error,
+        bf16=bf16,
         **compiled_stats,
     )
 
@@ -539,6 +567,87 @@ def data_loading_table(
     return lines
 
 
+# End to end: train.py itself, data loading, logging and checkpoints included.
+END_TO_END = {
+    "sine (the default job)": (["experiment=sine"], 1500, 200),
+    "Omniglot 5-way 1-shot": (["experiment=omniglot_5w1s"], 300, 100),
+    "Mini-ImageNet 5-way 5-shot": (["experiment=miniimagenet_5w5s"], 40, 10),
+}
+# The paths compared, today's first: overrides of train.py.
+PATHS = {
+    "fp32 (today)": [],
+    "bf16-mixed": ["trainer.precision=bf16-mixed"],
+}
+
+
+def speed_metrics(run_dir: Path) -> tuple[list[float], float]:
+    """speed/meta_iterations_per_s of every logged interval and speed/test_tasks_per_s."""
+    rows = []
+    for log in run_dir.glob("csv/version_*/metrics.csv"):
+        with open(log, newline="") as file:
+            rows += list(csv.DictReader(file))
+    rates = [
+        float(r["speed/meta_iterations_per_s"])
+        for r in rows
+        if r.get("speed/meta_iterations_per_s")
+    ]
+    tests = [float(r["speed/test_tasks_per_s"]) for r in rows if r.get("speed/test_tasks_per_s")]
+    return rates, tests[-1]
+
+
+def end_to_end_table(
+    data_dir: Path, threads: int | None, rounds: int, only: str | None
+) -> list[str]:
+    """train.py's meta-iterations/s and test tasks/s for every path, alternating the paths
+    round by round so that the machine's load hits them alike; medians over the rounds' logged
+    intervals (the first of each run, the warm-up, left out)."""
+    paths = {name: o for name, o in PATHS.items() if o == [] or bf16_fast(torch.device("cpu"))}
+    lines = [
+        "| job | path | train.py meta-iterations/s | test tasks/s | ratio to fp32 (train, test) |",
+        "|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for job, (preset, steps, test_tasks) in END_TO_END.items():
+        if only and only not in job:
+            continue
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        tests: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(rounds):
+            for name, overrides in paths.items():
+                with tempfile.TemporaryDirectory() as run_dir:
+                    command = [
+                        sys.executable,
+                        str(ROOT / "train.py"),
+                        *preset,
+                        *overrides,
+                        f"trainer.max_steps={steps}",
+                        f"trainer.log_every_n_steps={steps // 6}",
+                        f"trainer.val_check_interval={steps}",
+                        "dataset.num_val_tasks=0",
+                        f"dataset.num_test_tasks={test_tasks}",
+                        f"paths.data_dir={data_dir}",
+                        "logger=csv",
+                        f"hydra.run.dir={run_dir}",
+                    ] + ([f"threads={threads}"] if threads else [])
+                    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+                    intervals, test_rate = speed_metrics(Path(run_dir))
+                rates[name] += intervals[1:]
+                tests[name].append(test_rate)
+        base = (
+            statistics.median(rates[next(iter(paths))]),
+            statistics.median(tests[next(iter(paths))]),
+        )
+        for name in paths:
+            train_rate, test_rate = statistics.median(rates[name]), statistics.median(tests[name])
+            line = (
+                f"| {job} | {name} | {train_rate:.1f} | {test_rate:.1f} "
+                f"| {train_rate / base[0]:.2f}×, {test_rate / base[1]:.2f}× |"
+            )
+            lines.append(line)
+            print(line, flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds, a few settings")
@@ -563,6 +672,12 @@ def main() -> None:
         "--data-dir", type=Path, default=Path("data"), help="holds omniglot/ and miniimagenet/"
     )
     parser.add_argument("--cache-dir", default=None, help="the image cache (default ~/.cache)")
+    parser.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="only the end-to-end table: train.py's rates for each path (fp32, bf16-mixed where "
+        "the hardware has bfloat16 units), data from --data-dir; --only picks a job",
+    )
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -573,6 +688,11 @@ def main() -> None:
         print(json.dumps(peak_memory_here(Setting(**probe["setting"]), device, probe["loop"])))
         return
 
+    if args.end_to_end:
+        table = end_to_end_table(args.data_dir.resolve(), args.threads, args.rounds or 2, args.only)
+        if args.out:
+            args.out.write_text("\n".join(table) + "\n")
+        return
     if args.data_loading:
         rounds = args.rounds or (3 if args.quick else 7)
         loading = data_loading_table(device, args.data_dir, args.cache_dir, rounds)
@@ -597,8 +717,9 @@ def main() -> None:
         "",
         "| setting | inner | ours (it/s) | per-task loop (it/s) | ratio | GFLOP/it | FLOP eff. "
         "| peak MiB ours | peak MiB loop | Δφ vs loop, 1 it. float64 | compiled (it/s) "
-        "| compiled ratio | cold compile (s) | compiled Δφ vs loop, 1 it. float32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| compiled ratio | cold compile (s) | compiled Δφ vs loop, 1 it. float32 "
+        "| bf16-mixed (it/s) | bf16 ÷ ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for setting in settings:
@@ -609,7 +730,8 @@ def main() -> None:
             f"| {r.project / r.loop:.1f}× | {r.flops / 1e9:.3f} "
             f"| {r.flops * r.project / peak:.0%} | {r.project_mib:.0f} | {r.loop_mib:.0f} "
             f"| {r.max_error:.0e} | {r.compiled:.1f} | {r.compiled / r.loop:.1f}× "
-            f"| {r.compile_seconds:.0f} | {r.compiled_error:.0e} |"
+            f"| {r.compile_seconds:.0f} | {r.compiled_error:.0e} "
+            f"| {r.bf16:.1f} | {r.bf16 / r.project:.2f}× |"
         )
         lines.append(line)
         print(line, flush=True)
