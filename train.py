@@ -1,25 +1,22 @@
-"""Meta-train and evaluate: `python train.py [overrides]`, `python train.py -m [sweep]`."""
+"""Meta-train and evaluate: `python train.py [overrides]`, `python train.py -m [sweep]`.
 
-import sys
+Exit codes (`reptile/cli.py`): 0 done, 1 unexpected error, 2 bad input, 3 diverged, 130 / 143
+stopped by SIGINT / SIGTERM (a checkpoint is saved and the resume command printed).
+"""
 
 import hydra
 from omegaconf import DictConfig
 
+from reptile.cli import reporting_interruption, stop_request  # also registers the resolvers
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from reptile.config import ConfigValueError
-    from reptile.lightning.module import DivergenceError
-    from reptile.train import run
+    stop_request.install()
+    with reporting_interruption():
+        from reptile.train import run_job  # torch and Lightning: after Hydra's own work
 
-    try:
-        return run(cfg)
-    except ConfigValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except DivergenceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(3)
+        return run_job(cfg)
 
 
 if __name__ == "__main__":

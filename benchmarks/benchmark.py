@@ -57,6 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from reptile.algorithms import Reptile
 from reptile.algorithms.base import Algorithm
+from reptile.cli import has_bf16_units
 from reptile.data.datamodule import TaskDataModule
 from reptile.data.miniimagenet import MiniImageNet
 from reptile.data.omniglot import Omniglot
@@ -64,7 +65,6 @@ from reptile.data.tasks import InnerSchedule, Task
 from reptile.lightning.module import MetaLearner
 from reptile.models.conv4 import Conv4
 from reptile.models.mlp import MLP
-from reptile.train import has_bf16_units
 
 ROOT = Path(__file__).resolve().parents[1]
 

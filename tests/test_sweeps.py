@@ -1,13 +1,24 @@
-"""Hydra sweeps: jobs in parallel (joblib), an Optuna search, the SLURM launcher config."""
+"""Hydra sweeps: jobs in parallel (joblib), an Optuna search, the SLURM launcher config, and sweeps
+with a bad job: checked before the first job starts, or failing while the others run."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import pytest
 import yaml
 from hydra import compose, initialize_config_dir
-from train_process import ROOT, TINY, offline_runs, results, train, wandb_run_record
+from train_process import (
+    ROOT,
+    TINY,
+    offline_runs,
+    results,
+    run,
+    train,
+    wandb_exit_code,
+    wandb_run_record,
+)
 
 SWEEP = (*TINY, "algorithm.inner_steps=1,2")
 
@@ -16,6 +27,7 @@ def jobs(sweep: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_the_sequential_results_and_share_a_wandb_group(tmp_path: Path) -> None:
     output = train(
         tmp_path,
@@ -43,6 +55,7 @@ def last_validation(job: Path) -> float:
     return float(values[-1])
 
 
+@pytest.mark.slow
 def test_optuna_search_minimizes_the_metric_train_py_returns(tmp_path: Path) -> None:
     train(
         tmp_path,
@@ -71,3 +84,52 @@ def test_slurm_launcher_gives_each_job_one_gpu() -> None:
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
+
+
+@pytest.mark.slow
+def test_a_bad_value_in_any_job_stops_the_sweep_before_its_first_job(tmp_path: Path) -> None:
+    result = run(
+        tmp_path,
+        "-m",
+        *TINY,
+        "algorithm.inner_steps=2,0,3",
+        "dataset.shots=10,-1",
+        "hydra.sweep.dir=sweep",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    # Jobs in order: (2, 10), (2, -1), (0, 10), (0, -1), (3, 10), (3, -1); one line per bad job.
+    assert result.stderr.strip().splitlines() == [
+        "error: job 1 of 6: dataset.shots=-1: expected an integer >= 1",
+        "error: job 2 of 6: algorithm.inner_steps=0: expected an integer >= 1",
+        "error: job 3 of 6: algorithm.inner_steps=0: expected an integer >= 1",
+        "error: job 5 of 6: dataset.shots=-1: expected an integer >= 1",
+    ]
+    assert not (tmp_path / "sweep").exists()  # no job started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_job_failing_at_run_time_leaves_the_others_running(tmp_path: Path, launcher: str) -> None:
+    """inner lr 1e30 diverges at the first meta-iteration (exit 3); under joblib it runs beside
+    job 0, which must still finish."""
+    parallel = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    result = run(
+        tmp_path,
+        "-m",
+        *TINY,
+        "algorithm.inner_lr=0.01,1e30,0.02",
+        f"hydra/launcher={launcher}",
+        *parallel,
+        "hydra.sweep.dir=sweep",
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    summary = result.stderr.strip().splitlines()[-2:]
+    assert summary[0] == "error: 1 of 3 jobs failed:"
+    assert summary[1].startswith(
+        "  job 1 (algorithm.inner_lr=1e+30): exit 3: training diverged at meta-iteration 0: "
+    )
+    good, bad = [tmp_path / "sweep" / job for job in ("0", "2")], tmp_path / "sweep/1"
+    assert all("test/mse_after" in results(job) for job in good)
+    assert not (bad / "results.json").exists()
+    # Each job's W&B run carries its own exit code.
+    assert [wandb_exit_code(run) for job in (*good, bad) for run in offline_runs(job)] == [0, 0, 3]

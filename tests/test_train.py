@@ -1,15 +1,31 @@
-"""`train.py` end to end through Hydra: outputs, sweeps, bad input, divergence, reproducibility."""
+"""`train.py` end to end through Hydra: outputs, sweeps, bad input, divergence, reproducibility,
+folders it cannot write, W&B without its server, damaged data, --help and --cfg."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 from pathlib import Path
 
 import pytest
-from train_process import TINY, run
+from train_process import (
+    ROOT,
+    TINY,
+    environment,
+    offline_runs,
+    run,
+    wandb_exit_code,
+    wandb_run_record,
+)
 
 from reptile.config import ConfigValueError
 from reptile.train import build
+
+SHARED = ROOT.parent / "shared"  # read-only data beside the checkout
+# Lightning's and W&B's noise, untrue or useless on these runs.
+NOISE = ("litlogger", "Epoch 0/-2", "smaller than the logging interval", "v_num", "anonymous")
 
 
 def test_single_run_writes_results_plot_checkpoint_and_offline_wandb(tiny_run: Path) -> None:
@@ -24,33 +40,35 @@ def test_single_run_writes_results_plot_checkpoint_and_offline_wandb(tiny_run: P
     assert (tiny_run / "adaptation.png").stat().st_size > 10_000
     assert (tiny_run / "checkpoints" / "last.ckpt").is_file()
     assert (tiny_run / ".hydra" / "config.yaml").is_file()
-    offline_runs = list((tiny_run / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1
-    assert list(offline_runs[0].glob("*.wandb")), "W&B wrote no run file"
+    (wandb_run,) = offline_runs(tiny_run)
+    assert wandb_run.parent == tiny_run / "wandb"
+    assert wandb_exit_code(wandb_run) == 0
 
 
+@pytest.mark.slow
 def test_same_seed_gives_same_results(tiny_run: Path, tmp_path: Path) -> None:
     result = run(tmp_path, *TINY, "logger=none", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "results.json").read_text() == (tiny_run / "results.json").read_text()
 
 
-def test_evaluating_the_checkpoint_reproduces_the_test_metrics(
+@pytest.mark.slow
+def test_evaluating_the_checkpoint_reproduces_the_test_metrics_in_its_own_wandb_run(
     tiny_run: Path, tmp_path: Path
 ) -> None:
     checkpoint = tiny_run / "checkpoints" / "last.ckpt"
     result = run(
-        tmp_path,
-        *TINY,
-        "logger=none",
-        "train=false",
-        f"ckpt_path={checkpoint}",
-        f"hydra.run.dir={tmp_path}",
+        tmp_path, *TINY, "train=false", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "results.json").read_text() == (tiny_run / "results.json").read_text()
+    # The evaluation is a W&B run of its own: the training run is not written into.
+    (evaluation,) = offline_runs(tmp_path)
+    (training,) = offline_runs(tiny_run)
+    assert wandb_run_record(evaluation).run_id != wandb_run_record(training).run_id
 
 
+@pytest.mark.slow
 def test_multirun_gives_each_job_its_directory_and_results(tmp_path: Path) -> None:
     result = run(
         tmp_path,
@@ -111,6 +129,7 @@ def test_bad_input_is_one_line_naming_key_value_and_accepted(
     assert str(error.value) == message
 
 
+@pytest.mark.slow
 def test_bad_input_exits_nonzero_before_training_with_one_line(tmp_path: Path) -> None:
     result = run(tmp_path, "algorithm.inner_steps=0", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
@@ -118,13 +137,121 @@ def test_bad_input_exits_nonzero_before_training_with_one_line(tmp_path: Path) -
         "error: algorithm.inner_steps=0: expected an integer >= 1"
     ]
     assert not (tmp_path / "checkpoints").exists()
+    assert not offline_runs(tmp_path)  # no empty W&B run for `wandb sync` to upload
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_the_meta_iteration(tmp_path: Path) -> None:
-    result = run(
-        tmp_path, *TINY, "logger=none", "algorithm.inner_lr=1e30", f"hydra.run.dir={tmp_path}"
-    )
+    result = run(tmp_path, *TINY, "algorithm.inner_lr=1e30", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 3
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: training diverged at meta-iteration ")
     assert "train/loss" in last_line
+    (wandb_run,) = offline_runs(tmp_path)
+    assert wandb_exit_code(wandb_run) == 3  # failed, not "finished"
+    output = result.stdout + result.stderr
+    assert not [noise for noise in NOISE if noise in output]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["callbacks.model_checkpoint.dirpath", "hydra.run.dir"])
+def test_an_unwritable_folder_is_one_line_before_training(tmp_path: Path, key: str) -> None:
+    (tmp_path / "file").write_text("")
+    folder = tmp_path / "file" / "inside"  # cannot be created, even by root
+    run_dir = [] if key == "hydra.run.dir" else ["hydra.run.dir=run"]
+    result = run(tmp_path, *TINY, f"{key}={folder}", *run_dir)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {key}='{folder}': expected a folder it can write to, but {folder.parent} is a file"
+    ]
+    assert not offline_runs(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_checkpoint_folder_is_one_line_before_training(tmp_path: Path) -> None:
+    (tmp_path / "read-only").mkdir(mode=0o555)
+    folder = tmp_path / "read-only" / "checkpoints"
+    result = run(tmp_path, *TINY, f"callbacks.model_checkpoint.dirpath={folder}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: callbacks.model_checkpoint.dirpath='{folder}': expected a folder it can write "
+        f"to, but {folder.parent} is not writable"
+    ]
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # free, and closed again once the socket is
+
+
+@pytest.mark.slow
+def test_wandb_online_without_its_server_fails_at_once_with_the_offline_hint(
+    tmp_path: Path,
+) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    env = environment(tmp_path) | {"WANDB_BASE_URL": url, "WANDB_API_KEY": "x" * 40}
+    del env["WANDB_MODE"]
+    result = run(tmp_path, *TINY, "logger.wandb.offline=false", "hydra.run.dir=run", env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        "error: logger.wandb.offline=False: expected true (log offline, the default, and upload "
+        f"later with `wandb sync`) or a reachable W&B server, but {url} cannot be reached ("
+    )
+    assert not (tmp_path / "run/wandb").exists()
+
+
+@pytest.mark.slow
+def test_a_truncated_omniglot_archive_is_one_line_naming_it(tmp_path: Path) -> None:
+    root = tmp_path / "data/omniglot"
+    root.mkdir(parents=True)
+    official = SHARED / "data/omniglot"
+    shutil.copy(official / "images_evaluation.zip", root)
+    data = (official / "images_background.zip").read_bytes()
+    (root / "images_background.zip").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    result = run(
+        tmp_path,
+        "experiment=omniglot_5w1s",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        "hydra.run.dir=run",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: dataset.root='{root}': expected ")
+    assert str(root / "images_background.zip") in line and "truncated" in line
+    assert not offline_runs(tmp_path)  # the run stopped before its W&B run started
+
+
+@pytest.mark.slow
+def test_cfg_job_resolve_prints_the_resolved_config(tmp_path: Path) -> None:
+    result = run(tmp_path, "--cfg", "job", "--resolve")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "group: null" in result.stdout  # `${sweep_group:}`, resolved for a single run
+    assert "${" not in result.stdout
+
+
+@pytest.mark.slow
+def test_help_lists_the_knobs_and_hides_the_internal_configs(tmp_path: Path) -> None:
+    result = run(tmp_path, "experiment=omniglot_5w1s", "--help")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    knobs = {line.split()[0]: line for line in lines if line.startswith(("algorithm.", "dataset."))}
+    assert knobs["algorithm.inner_steps"].endswith("[5]")  # the preset's value, as composed
+    assert knobs["dataset.meta_batch_size"].endswith("[5]")
+    assert "callbacks.model_checkpoint.save_top_k" in result.stdout
+    groups = {line.split(":")[0]: line for line in lines if ": " in line}
+    assert groups["dataset"] == "dataset: imagefolder, miniimagenet, omniglot, sine"
+    assert "_fewshot" not in groups["experiment"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", ["dataset", "experiment"])
+def test_shell_completion_offers_no_internal_config(tmp_path: Path, group: str) -> None:
+    env = environment(tmp_path) | {"COMP_LINE": f"python train.py {group}="}
+    result = run(tmp_path, "-sc", "query=bash", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    options = result.stdout.split()
+    assert f"{group}=sine" in options and not [o for o in options if "=_" in o]

@@ -8,6 +8,8 @@ import signal
 import struct
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +45,16 @@ def command(*overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *overrides]
 
 
-def run(cwd: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Runs train.py to its end in `cwd`; returns the finished process (output in stdout/stderr)."""
+def run(
+    cwd: Path, *overrides: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs train.py to its end in `cwd` (in `environment(cwd)` unless `env` says); returns the
+    finished process (output in stdout/stderr)."""
     # Its own session: a hung run is killed with the DDP ranks it started.
     process = subprocess.Popen(
         command(*overrides),
         cwd=cwd,
-        env=environment(cwd),
+        env=environment(cwd) if env is None else env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -72,11 +77,41 @@ def train(cwd: Path, *overrides: str, timeout: float = 240) -> str:
 
 
 def start(cwd: Path, *overrides: str, log: Path) -> subprocess.Popen:
-    """Starts train.py without waiting; its output goes to `log`."""
+    """Starts train.py without waiting, in its own process group (`signal_group` reaches it, its
+    DDP ranks and DataLoader workers, as a scheduler or Ctrl-C does); its output goes to `log`."""
     with open(log, "w") as handle:
         return subprocess.Popen(
-            command(*overrides), cwd=cwd, env=environment(cwd), stdout=handle, stderr=handle
+            command(*overrides),
+            cwd=cwd,
+            env=environment(cwd),
+            stdout=handle,
+            stderr=handle,
+            start_new_session=True,
         )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    """Until `path` exists (the process must still be running)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert path.exists() and process.poll() is None, f"{path} never appeared"
+
+
+def signal_group(process: subprocess.Popen, signum: int) -> None:
+    os.killpg(process.pid, signum)
+
+
+def group_ended(process: subprocess.Popen, timeout: float = 60) -> bool:
+    """Whether every process of the group (DDP ranks, workers) has exited within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def checkpoint(path: Path) -> dict[str, Any]:
@@ -93,8 +128,8 @@ def offline_runs(directory: Path) -> list[Path]:
     return sorted(directory.rglob("wandb/offline-run-*"))
 
 
-def wandb_run_record(run: Path) -> Any:
-    """The RunRecord (id, group, ...) of an offline W&B run, read from its transaction log.
+def wandb_records(run: Path) -> Iterator[Any]:
+    """The `Record`s (run, history, exit, ...) of an offline W&B run, from its transaction log.
 
     The log (run-<id>.wandb) is LevelDB's log format after a 7-byte header: 32 KiB blocks of
     records, each with a 7-byte header (crc32 4, length 2, type 1: full, first, middle or last
@@ -119,6 +154,21 @@ def wandb_run_record(run: Path) -> Any:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(payload)
             payload = b""
-            if record.WhichOneof("record_type") == "run":
-                return record.run
-    raise AssertionError(f"no run record in {run}")
+            yield record
+
+
+def wandb_record(run: Path, kind: str) -> Any:
+    """The first record of `kind` ("run": id, group, ...; "exit": exit_code) of an offline run."""
+    for record in wandb_records(run):
+        if record.WhichOneof("record_type") == kind:
+            return getattr(record, kind)
+    raise AssertionError(f"no {kind} record in {run}")
+
+
+def wandb_run_record(run: Path) -> Any:
+    return wandb_record(run, "run")
+
+
+def wandb_exit_code(run: Path) -> int:
+    """The exit code W&B recorded for the run (what `wandb sync` reports its status by)."""
+    return wandb_record(run, "exit").exit_code

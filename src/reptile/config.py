@@ -6,6 +6,8 @@ user sees one line such as `algorithm.inner_steps=0: expected an integer >= 1`.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 
@@ -49,3 +51,17 @@ def require_non_negative(key: str, value: Any) -> None:
 
 def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     require(value in choices, key, value, f"one of {', '.join(choices)}")
+
+
+def require_writable(key: str, value: Any, folder: str | Path) -> None:
+    """`folder` takes new files, or can be created: its nearest existing ancestor is a writable
+    folder. Checked without creating anything: a run refused here leaves nothing behind."""
+    folder = Path(folder).absolute()
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        problem = f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise ConfigValueError(key, value, f"a folder it can write to, but {problem}")

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from reptile.cli import init_data_worker
 from reptile.config import require, require_int
 from reptile.data.tasks import EvalTasks, InnerSchedule, Task, TrainTasks, collate_tasks
 
@@ -103,6 +104,7 @@ class TaskDataModule(pl.LightningDataModule, ABC):
             dataset,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=init_data_worker,  # workers outlive SIGTERM: the run stops them
             **kwargs,
         )
 

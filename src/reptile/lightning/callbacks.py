@@ -1,18 +1,26 @@
-"""Callbacks: run outputs (results.json, the adaptation plot) and crash-safe checkpoints."""
+"""Callbacks: run outputs (results.json, the adaptation plot, the logged config, the progress bar),
+crash-safe checkpoints, and stopping on a signal with a checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from pytorch_lightning.trainer.connectors.signal_connector import _SignalConnector
 
+from reptile.cli import STOP_SIGNALS, Interrupted, stop_request
 from reptile.data.tasks import collate_tasks
+from reptile.lightning.resume import checkpoint_step
 
 
 def write_atomically(path: Path, write: Any) -> None:
@@ -79,3 +87,100 @@ class AdaptationPlot(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="test/adaptation", images=[str(self.path)])
+
+
+class LogConfig(pl.Callback):
+    """Logs the run's whole config to every logger once the data is ready (Lightning starts the
+    W&B run just before): a run whose data cannot be loaded leaves no W&B run behind."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(pl_module.run_config)
+
+
+class MetaIterationBar(TQDMProgressBar):
+    """Lightning's progress bar, counting meta-iterations: training is one epoch of `max_steps`,
+    and the default's "Epoch 0/-2" (of an unlimited number) says nothing. The logger's version
+    number (`v_num`) is left out too."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description("meta-iterations")
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+    def on_exception(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Closes the bars, so that the failure's line comes after them, not under a redrawn bar."""
+        # The evaluation bars first: closing one moves the cursor back up to the training bar.
+        bars = (self._test_progress_bar, self._val_progress_bar, self._train_progress_bar)
+        for bar in bars:
+            if bar is not None:
+                bar.close()
+
+
+def checkpoint_dir(trainer: pl.Trainer) -> Path:
+    checkpointing = trainer.checkpoint_callback
+    if checkpointing is not None and getattr(checkpointing, "dirpath", None):
+        return Path(checkpointing.dirpath)
+    return Path(trainer.default_root_dir) / "checkpoints"
+
+
+class StopOnSignal(pl.Callback):
+    """Acts on the SIGTERM or SIGINT that `reptile.cli.stop_request` recorded during a stage.
+
+    At the end of a meta-iteration: writes `last.ckpt` (the state the periodic checkpoints hold,
+    from which a resumed run continues exactly) and stops. All DDP ranks get the signal (from the
+    scheduler, or forwarded by rank 0) and agree on the step by one all-reduce per meta-iteration.
+    During validation or testing: stops after the current batch without a collective (the ranks
+    may hold different numbers of evaluation batches), naming the latest checkpoint.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        signum = stop_request.signum or 0
+        if trainer.world_size > 1:
+            agreed = torch.tensor(signum, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(agreed, reduce_op="max"))
+        if signum:
+            path = checkpoint_dir(trainer) / "last.ckpt"
+            trainer.save_checkpoint(path, weights_only=False)  # everything, not φ alone
+            raise Interrupted(signum, trainer.global_step, path)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.stop_if_signalled(trainer)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.stop_if_signalled(trainer)
+
+    @staticmethod
+    def stop_if_signalled(trainer: pl.Trainer) -> None:
+        """Stops now if a signal came, naming the latest checkpoint (during evaluation, or
+        after a stage that ended before acting on it)."""
+        if stop_request.signum is None:
+            return
+        path = Path(trainer.ckpt_path or checkpoint_dir(trainer) / "last.ckpt")
+        step = checkpoint_step(path) if path.is_file() else None
+        raise Interrupted(stop_request.signum, step, path if step is not None else None)
+
+
+class SignalConnector(_SignalConnector):
+    """Lightning's signal handling with SIGTERM and SIGINT handed to `reptile.cli.stop_request`.
+
+    Lightning's own SIGTERM handler lets the run end as if it had finished (exit code 0, no
+    checkpoint, the W&B run marked finished). Its SLURM requeue signal handling is kept.
+    """
+
+    def register_signal_handlers(self) -> None:
+        super().register_signal_handlers()
+        launcher = self.trainer.strategy.launcher
+        forward = launcher.kill if isinstance(launcher, _SubprocessScriptLauncher) else None
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, stop_request.handle)
+        stop_request.defer(forward)
+
+    def teardown(self) -> None:
+        stop_request.stop_deferring()
+        super().teardown()  # restores the handlers from before the stage: stop_request's
