@@ -116,7 +116,7 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import reptile.train  # noqa: F401  (registers the config's resolvers)
+    import reptile.cli  # noqa: F401  (registers the config's resolvers)
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose("train", overrides=[*overrides, "paths.output_dir=."])
