@@ -36,7 +36,7 @@ fi
 timeout "$RUN_SECONDS" python3 train.py experiment=omniglot_5w1s trainer="$TRAINER" trainer.devices=1 \
     logger=csv dataset.root="$OMNIGLOT" dataset.num_workers=4 dataset.eval_batch_tasks=1000 \
     trainer.val_check_interval=10000 callbacks.model_checkpoint.every_n_train_steps=2000 \
-    +trainer.enable_progress_bar=false hydra.run.dir="$RUN_DIR" "${resume[@]}" "$@" \
+    hydra.run.dir="$RUN_DIR" "${resume[@]}" "$@" \
     2>&1 | tr '\r' '\n' | grep -v -E '^\s*$' | tail -n 200 > "$OUT/train.log"
 echo "train.py exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/train.log"
 cp "$RUN_DIR"/results.json "$OUT/" 2>/dev/null

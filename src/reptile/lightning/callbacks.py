@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,11 @@ class LogConfig(pl.Callback):
 class MetaIterationBar(TQDMProgressBar):
     """Lightning's progress bar, counting meta-iterations: training is one epoch of `max_steps`,
     and the default's "Epoch 0/-2" (of an unlimited number) says nothing. The logger's version
-    number (`v_num`) is left out too."""
+    number (`v_num`) is left out too. Written to a file or a scheduler's log instead of a
+    terminal, it refreshes every `log_refresh_rate` meta-iterations, not at every one."""
+
+    def __init__(self, log_refresh_rate: int = 100) -> None:
+        super().__init__(refresh_rate=1 if sys.stderr.isatty() else log_refresh_rate)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
