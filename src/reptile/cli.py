@@ -59,9 +59,25 @@ def fastest_precision() -> str:
     return "bf16-mixed" if has_bf16_units(device) else "32-true"
 
 
+def gpu_count() -> int:
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def job_gpu() -> list[int] | int:
+    """The GPU of this job: in a multirun, job i runs on GPU i mod G (G = the machine's GPUs), so
+    that concurrent jobs (hydra/launcher=gpus) spread over all of them; a single run takes one."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return 1
+    return [int(HydraConfig.get().job.num) % gpu_count()]
+
+
 # Registered when train.py is imported, so that `--cfg job --resolve` resolves them too.
 OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
 OmegaConf.register_new_resolver("fastest_precision", fastest_precision, replace=True)
+OmegaConf.register_new_resolver("gpu_count", gpu_count, replace=True)
+OmegaConf.register_new_resolver("job_gpu", job_gpu, replace=True)
 
 
 def fail(error: ConfigValueError) -> NoReturn:

@@ -71,8 +71,9 @@ class InnerLoop:
     float rounding; folding is faster on CPU (benchmarks/). Inside a `torch.func` transform (MAML
     differentiating through the inner loop) it is always vmap, which composes with them.
 
-    `compile`: run `adapt` through `torch.compile`, all k steps as one graph (opt-in: the first
-    meta-iteration compiles for a minute or more without a warm inductor cache). Worth it where
+    `compile`: run `adapt` through `torch.compile`, all k steps as one graph (on a GPU replayed as
+    a CUDA graph; opt-in: the first meta-iteration compiles for a minute or more without a warm
+    inductor cache). Worth it where
     the per-op dispatch dominates (small models such as the sine MLP; benchmarks/). Evaluation
     (`step`) stays uncompiled; second-order algorithms, which differentiate through their own
     loop, refuse it.
@@ -110,7 +111,8 @@ class InnerLoop:
         # meta-iteration when the state is carried, and recompile each time. Instead the tensors
         # are marked static (one graph per shape) and only that integer becomes symbolic after
         # its first change: at most two graphs per shape and k.
-        self.compiled_adapt = torch.compile(self.adapt_eagerly) if compile else None
+        self.compile = compile
+        self.compiled_adapt: Callable | None = None  # built on first use, for its device
 
     def forward(self, params: Params, inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, params, (inputs,))
@@ -177,8 +179,14 @@ class InnerLoop:
         self, params: Params, state: State, task: Task, steps: int
     ) -> tuple[Params, State, torch.Tensor]:
         """`steps` optimizer steps: the adapted parameters, the state, losses [steps, tasks]."""
-        if self.compiled_adapt is None:
+        if not self.compile:
             return self.adapt_eagerly(params, state, task, steps)
+        if self.compiled_adapt is None:
+            # On a GPU the graph is also captured as a CUDA graph and replayed: at these sizes a
+            # meta-iteration is bound by launching kernels, not by running them.
+            cuda = next(iter(params.values())).device.type == "cuda"
+            mode = "reduce-overhead" if cuda else None
+            self.compiled_adapt = torch.compile(self.adapt_eagerly, mode=mode)
         tree_map_only(torch.Tensor, torch._dynamo.mark_static, (params, state, task))
         return self.compiled_adapt(params, state, task, steps)
 
