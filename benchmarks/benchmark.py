@@ -567,11 +567,19 @@ END_TO_END = {
     "Omniglot 5-way 1-shot": (["experiment=omniglot_5w1s"], 300, 100),
     "Mini-ImageNet 5-way 5-shot": (["experiment=miniimagenet_5w5s"], 40, 10),
 }
-# The paths compared, today's first: overrides of train.py.
-PATHS = {
-    "fp32 (today)": [],
-    "bf16-mixed": ["trainer.precision=bf16-mixed"],
-}
+
+
+def paths_for(device: torch.device) -> dict[str, list[str]]:
+    """The paths compared, today's first, as train.py overrides: float32; bf16-mixed where the
+    hardware has bfloat16 units; on a GPU, also the compiled inner loop replayed as a CUDA
+    graph. Each runs on `device`."""
+    where = ["trainer.accelerator=gpu" if device.type == "cuda" else "trainer.accelerator=cpu"]
+    paths = {"fp32 (today)": ["trainer.precision=32-true"]}
+    if has_bf16_units(device.type):
+        paths["bf16-mixed"] = ["trainer.precision=bf16-mixed"]
+    if device.type == "cuda":
+        paths["bf16-mixed, CUDA graph"] = ["trainer.precision=bf16-mixed", "algorithm.compile=true"]
+    return {name: where + overrides for name, overrides in paths.items()}
 
 
 def speed_metrics(run_dir: Path) -> tuple[list[float], float]:
@@ -589,13 +597,50 @@ def speed_metrics(run_dir: Path) -> tuple[list[float], float]:
     return rates, tests[-1]
 
 
+def train_py_rates(
+    overrides: list[str], steps: int, test_tasks: int, data_dir: Path, copies: int = 1
+) -> tuple[list[float], list[float]]:
+    """Runs `copies` train.py jobs at once; each one's logged rates (the first interval, the
+    warm-up, left out) and test tasks/s."""
+    with tempfile.TemporaryDirectory() as root:
+        runs = [Path(root) / str(i) for i in range(copies)]
+        processes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "train.py"),
+                    *overrides,
+                    f"trainer.max_steps={steps}",
+                    f"trainer.log_every_n_steps={steps // 6}",
+                    f"trainer.val_check_interval={steps}",
+                    "dataset.num_val_tasks=0",
+                    f"dataset.num_test_tasks={test_tasks}",
+                    f"paths.data_dir={data_dir}",
+                    "logger=csv",
+                    f"hydra.run.dir={run}",
+                ],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for run in runs
+        ]
+        for process in processes:
+            _, error = process.communicate()
+            if process.returncode:
+                raise RuntimeError(f"train.py {' '.join(overrides)} failed:\n{error[-2000:]}")
+        measured = [speed_metrics(run) for run in runs]
+    return [statistics.median(m[0][1:]) for m in measured], [m[1] for m in measured]
+
+
 def end_to_end_table(
-    data_dir: Path, threads: int | None, rounds: int, only: str | None
+    device: torch.device, data_dir: Path, threads: int | None, rounds: int, only: str | None
 ) -> list[str]:
     """train.py's meta-iterations/s and test tasks/s for every path, alternating the paths
-    round by round so that the machine's load hits them alike; medians over the rounds' logged
-    intervals (the first of each run, the warm-up, left out)."""
-    paths = {name: o for name, o in PATHS.items() if o == [] or has_bf16_units("cpu")}
+    round by round so that the machine's load hits them alike; medians over the rounds."""
+    paths = paths_for(device)
+    machine = [f"threads={threads}"] if threads else []
     lines = [
         "| job | path | train.py meta-iterations/s | test tasks/s | ratio to fp32 (train, test) |",
         "|---|---|---|---|---|",
@@ -608,29 +653,12 @@ def end_to_end_table(
         tests: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(rounds):
             for name, overrides in paths.items():
-                with tempfile.TemporaryDirectory() as run_dir:
-                    command = [
-                        sys.executable,
-                        str(ROOT / "train.py"),
-                        *preset,
-                        *overrides,
-                        f"trainer.max_steps={steps}",
-                        f"trainer.log_every_n_steps={steps // 6}",
-                        f"trainer.val_check_interval={steps}",
-                        "dataset.num_val_tasks=0",
-                        f"dataset.num_test_tasks={test_tasks}",
-                        f"paths.data_dir={data_dir}",
-                        "logger=csv",
-                        f"hydra.run.dir={run_dir}",
-                    ] + ([f"threads={threads}"] if threads else [])
-                    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-                    intervals, test_rate = speed_metrics(Path(run_dir))
-                rates[name] += intervals[1:]
-                tests[name].append(test_rate)
-        base = (
-            statistics.median(rates[next(iter(paths))]),
-            statistics.median(tests[next(iter(paths))]),
-        )
+                train, test = train_py_rates(
+                    [*preset, *overrides, *machine], steps, test_tasks, data_dir
+                )
+                rates[name] += train
+                tests[name] += test
+        base = [statistics.median(values[next(iter(paths))]) for values in (rates, tests)]
         for name in paths:
             train_rate, test_rate = statistics.median(rates[name]), statistics.median(tests[name])
             line = (
@@ -639,6 +667,28 @@ def end_to_end_table(
             )
             lines.append(line)
             print(line, flush=True)
+    return lines
+
+
+def concurrency_table(
+    device: torch.device, data_dir: Path, counts: list[int], only: str | None
+) -> list[str]:
+    """The aggregate meta-iterations/s of N jobs at once on one device (the fastest path), for
+    each N: whether one job fills the device, or several must share it."""
+    name, overrides = list(paths_for(device).items())[-1]
+    lines = [
+        "| job | path | jobs at once | meta-iterations/s, each | together |",
+        "|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for job, (preset, steps, _) in END_TO_END.items():
+        if only and only not in job:
+            continue
+        for count in counts:
+            rates, _ = train_py_rates([*preset, *overrides], steps, 10, data_dir, copies=count)
+            each = ", ".join(f"{r:.1f}" for r in rates)
+            lines.append(f"| {job} | {name} | {count} | {each} | {sum(rates):.1f} |")
+            print(lines[-1], flush=True)
     return lines
 
 
@@ -670,7 +720,14 @@ def main() -> None:
         "--end-to-end",
         action="store_true",
         help="only the end-to-end table: train.py's rates for each path (fp32, bf16-mixed where "
-        "the hardware has bfloat16 units), data from --data-dir; --only picks a job",
+        "the hardware has bfloat16 units, the CUDA graph on a GPU) on --device, data from "
+        "--data-dir; --only picks a job",
+    )
+    parser.add_argument(
+        "--concurrency",
+        default=None,
+        help="with --end-to-end: job counts (e.g. 1,2,4) run at once on the device; their "
+        "aggregate rate",
     )
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -683,7 +740,12 @@ def main() -> None:
         return
 
     if args.end_to_end:
-        table = end_to_end_table(args.data_dir.resolve(), args.threads, args.rounds or 2, args.only)
+        data_dir = args.data_dir.resolve()
+        if args.concurrency:
+            counts = [int(n) for n in args.concurrency.split(",")]
+            table = concurrency_table(device, data_dir, counts, args.only)
+        else:
+            table = end_to_end_table(device, data_dir, args.threads, args.rounds or 2, args.only)
         if args.out:
             args.out.write_text("\n".join(table) + "\n")
         return

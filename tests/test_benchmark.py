@@ -56,3 +56,13 @@ def test_data_loading_rates_on_sine() -> None:
     assert all(benchmark.loader_rate(data, workers, batches=3) > 0 for workers in (0, 1))
     alone, fed = benchmark.step_rates(setting, data, rounds=2, device=CPU)
     assert alone > 0 and fed > 0
+
+
+@pytest.mark.slow
+def test_end_to_end_rates_of_two_jobs_at_once() -> None:
+    """train.py's own speed metrics, read back from two concurrent runs of the sine job."""
+    rates, tests = benchmark.train_py_rates(
+        ["experiment=sine", "dataset.grid_points=50"], 60, 4, Path("data"), copies=2
+    )
+    assert len(rates) == len(tests) == 2
+    assert all(math.isfinite(r) and r > 0 for r in rates + tests)
