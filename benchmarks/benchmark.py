@@ -635,7 +635,12 @@ def train_py_rates(
 
 
 def end_to_end_table(
-    device: torch.device, data_dir: Path, threads: int | None, rounds: int, only: str | None
+    device: torch.device,
+    data_dir: Path,
+    threads: int | None,
+    rounds: int,
+    only: str | None,
+    steps: int | None = None,
 ) -> list[str]:
     """train.py's meta-iterations/s and test tasks/s for every path, alternating the paths
     round by round so that the machine's load hits them alike; medians over the rounds."""
@@ -646,15 +651,16 @@ def end_to_end_table(
         "|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
-    for job, (preset, steps, test_tasks) in END_TO_END.items():
+    for job, (preset, job_steps, test_tasks) in END_TO_END.items():
         if only and only not in job:
             continue
+        steps_here = steps or job_steps
         rates: dict[str, list[float]] = {name: [] for name in paths}
         tests: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(rounds):
             for name, overrides in paths.items():
                 train, test = train_py_rates(
-                    [*preset, *overrides, *machine], steps, test_tasks, data_dir
+                    [*preset, *overrides, *machine], steps_here, test_tasks, data_dir
                 )
                 rates[name] += train
                 tests[name] += test
@@ -671,7 +677,11 @@ def end_to_end_table(
 
 
 def concurrency_table(
-    device: torch.device, data_dir: Path, counts: list[int], only: str | None
+    device: torch.device,
+    data_dir: Path,
+    counts: list[int],
+    only: str | None,
+    steps: int | None = None,
 ) -> list[str]:
     """The aggregate meta-iterations/s of N jobs at once on one device (the fastest path), for
     each N: whether one job fills the device, or several must share it."""
@@ -681,11 +691,13 @@ def concurrency_table(
         "|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
-    for job, (preset, steps, _) in END_TO_END.items():
+    for job, (preset, job_steps, _) in END_TO_END.items():
         if only and only not in job:
             continue
         for count in counts:
-            rates, _ = train_py_rates([*preset, *overrides], steps, 10, data_dir, copies=count)
+            rates, _ = train_py_rates(
+                [*preset, *overrides], steps or job_steps, 10, data_dir, copies=count
+            )
             each = ", ".join(f"{r:.1f}" for r in rates)
             lines.append(f"| {job} | {name} | {count} | {each} | {sum(rates):.1f} |")
             print(lines[-1], flush=True)
@@ -724,6 +736,9 @@ def main() -> None:
         "--data-dir; --only picks a job",
     )
     parser.add_argument(
+        "--steps", type=int, default=None, help="with --end-to-end: meta-iterations of each run"
+    )
+    parser.add_argument(
         "--concurrency",
         default=None,
         help="with --end-to-end: job counts (e.g. 1,2,4) run at once on the device; their "
@@ -743,9 +758,10 @@ def main() -> None:
         data_dir = args.data_dir.resolve()
         if args.concurrency:
             counts = [int(n) for n in args.concurrency.split(",")]
-            table = concurrency_table(device, data_dir, counts, args.only)
+            table = concurrency_table(device, data_dir, counts, args.only, args.steps)
         else:
-            table = end_to_end_table(device, data_dir, args.threads, args.rounds or 2, args.only)
+            rounds = args.rounds or 2
+            table = end_to_end_table(device, data_dir, args.threads, rounds, args.only, args.steps)
         if args.out:
             args.out.write_text("\n".join(table) + "\n")
         return

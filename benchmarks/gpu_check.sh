@@ -1,44 +1,70 @@
 #!/usr/bin/env bash
-# The GPU check, one script for one short lease of a GPU machine:
-#   1. the environment (GPU, driver, torch);
-#   2. the benchmark's Omniglot 5-way rows on the GPU (ours vs the per-task loop, side by side);
-#   3. the paper's full-length Omniglot 5-way 1-shot run (experiment=omniglot_5w1s, 100k
-#      meta-iterations, then 10,000 test tasks) through trainer=ddp on the GPU, stopped after
-#      RUN_SECONDS; rerunning the script (BENCHMARK=0) resumes it from its last checkpoint.
-# Usage: OMNIGLOT=<folder with the two archives> OUT=<folder for the logs> benchmarks/gpu_check.sh
-# Extra arguments go to train.py (e.g. algorithm.compile=true).
+# The GPU check: everything the GPU issue measures, in one call of at most 8 minutes on one lent
+# GPU machine, each part under its own time limit, each part's output in $OUT/<part>.txt:
+#   environment  GPU, driver, torch, the CPU
+#   tests        the CUDA tests (tests/algorithms/test_cuda.py: the GPU's meta-gradients equal the
+#                CPU's, the CUDA-graph inner loop equals eager, evaluation's memory budget)
+#   steps        the benchmark's step rows on the GPU (Omniglot 5-/20-way, Mini-ImageNet; ours,
+#                the per-task loop, bf16-mixed), random data of the datasets' shapes
+#   end_to_end   train.py experiment=omniglot_5w1s end to end (data loading, logging,
+#                checkpoints): fp32, bf16-mixed, bf16-mixed with the CUDA graph
+#   concurrency  1, 2 and 4 such jobs at once on the one GPU: their aggregate rate
+#   test_10000   the 10,000-task test of the committed Omniglot 5-way run's checkpoint, timed
+#
+# The machine has no network and its own python3/torch/Lightning; hydra-core, omegaconf and
+# antlr4 travel as wheels, Omniglot's archives as data/omniglot (15 MB). Prepared here with
+#   echo /.whl/ >> .git/info/exclude
+#   pip wheel --no-deps hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 -w .whl
+#   mkdir -p data/omniglot && cp ../shared/data/omniglot/*.zip data/omniglot/
+# and run through the device tool as
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", "data/omniglot"], timeout_s=540)
+# and commit what comes back in benchmarks/results-gpu.md. A dry run of the plumbing on a machine
+# without a GPU: DEVICE=cpu STEPS=60 TASKS=20 bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_check}
-OMNIGLOT=${OMNIGLOT:-data/omniglot}
-RUN_SECONDS=${RUN_SECONDS:-420}
-RUN_DIR=${RUN_DIR:-outputs/runs/gpu_omniglot_5w1s}
-TRAINER=${TRAINER:-ddp}  # ddp_cpu tries the script on a machine without a GPU
-BENCHMARK=${BENCHMARK:-1}  # 0: skip step 2 (when rerunning to resume)
+DATA=${DATA:-data}
+DEVICE=${DEVICE:-cuda}
+STEPS=${STEPS:-1500}  # meta-iterations of each end-to-end run
+TASKS=${TASKS:-10000}  # test tasks of the timed test
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-
-{
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    nproc
-    python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/environment.txt"
-
-if [ "$BENCHMARK" = 1 ]; then
-    timeout 120 python3 benchmarks/benchmark.py --device cuda --only "Omniglot 5-way" --rounds 20 \
-        2>&1 | tee "$OUT/benchmark.md"
+export PYTHONUNBUFFERED=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
-resume=()
-if [ -f "$RUN_DIR/checkpoints/last.ckpt" ]; then
-    resume=(ckpt_path="$RUN_DIR/checkpoints/last.ckpt")
-fi
-# Validation every 10k meta-iterations (it only monitors), a checkpoint every 2k.
-timeout "$RUN_SECONDS" python3 train.py experiment=omniglot_5w1s trainer="$TRAINER" trainer.devices=1 \
-    logger=csv dataset.root="$OMNIGLOT" dataset.num_workers=4 dataset.eval_batch_tasks=1000 \
-    trainer.val_check_interval=10000 callbacks.model_checkpoint.every_n_train_steps=2000 \
-    hydra.run.dir="$RUN_DIR" "${resume[@]}" "$@" \
-    2>&1 | tr '\r' '\n' | grep -v -E '^\s*$' | tail -n 200 > "$OUT/train.log"
-echo "train.py exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/train.log"
-cp "$RUN_DIR"/results.json "$OUT/" 2>/dev/null
-cp "$(find "$RUN_DIR/csv" -name metrics.csv | head -n 1)" "$OUT/" 2>/dev/null
-ls -l --time-style=+%T "$RUN_DIR/checkpoints" 2>/dev/null | tee -a "$OUT/train.log"
+part() {  # part NAME SECONDS COMMAND...: runs COMMAND for at most SECONDS, into $OUT/NAME.txt
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "## $name"
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    local status=$?
+    tail -n 25 "$OUT/$name.txt"
+    echo "($name: exit $status after $((SECONDS - start)) s)" | tee -a "$OUT/$name.txt"
+}
+
+part environment 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total \
+    --format=csv,noheader; nproc; python3 -c "import torch, pytorch_lightning as pl;
+print(\"torch\", torch.__version__, \"lightning\", pl.__version__, torch.cuda.get_device_name())"'
+part tests 60 python3 -m pytest -q -p no:cacheprovider tests/algorithms/test_cuda.py
+part steps 60 python3 benchmarks/benchmark.py --device "$DEVICE" --rounds 10 --only=-way
+part end_to_end 170 python3 benchmarks/benchmark.py --device "$DEVICE" --end-to-end --rounds 1 \
+    --only "Omniglot 5-way" --steps "$STEPS" --data-dir "$DATA"
+part concurrency 60 python3 benchmarks/benchmark.py --device "$DEVICE" --end-to-end \
+    --concurrency 1,2,4 --only "Omniglot 5-way" --steps "$STEPS" --data-dir "$DATA"
+accelerator=$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)
+part test_10000 75 python3 train.py experiment=omniglot_5w1s train=false \
+    ckpt_path=benchmarks/paper/omniglot_5w/checkpoint.ckpt trainer.precision=32-true \
+    trainer.accelerator="$accelerator" dataset.num_test_tasks="$TASKS" \
+    dataset.eval_batch_tasks=2000 dataset.num_workers=8 paths.data_dir="$DATA" logger=csv \
+    hydra.run.dir="$OUT/run_test"
+python3 - "$OUT" >> "$OUT/test_10000.txt" <<'PY'
+import csv, glob, json, sys
+out = sys.argv[1]
+rows = [r for f in glob.glob(f"{out}/run_test/csv/*/metrics.csv") for r in csv.DictReader(open(f))]
+rate = [r["speed/test_tasks_per_s"] for r in rows if r.get("speed/test_tasks_per_s")]
+print("test tasks/s:", rate[-1] if rate else "none logged")
+print(json.load(open(f"{out}/run_test/results.json")))
+PY
+tail -n 2 "$OUT/test_10000.txt"
+rm -rf "$OUT/run_test"
