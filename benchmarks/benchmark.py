@@ -295,19 +295,85 @@ def peak_memory_here(setting: Setting, device: torch.device, loop: bool) -> dict
     return peaks
 
 
-def peak_memory(setting: Setting, device: torch.device, loop: bool = True) -> dict[str, float]:
-    """On CPU in a fresh process, whose heap holds nothing of the other settings."""
-    if device.type == "cuda":
-        return peak_memory_here(setting, device, loop)
-    probe = json.dumps({"setting": setting.__dict__, "loop": loop})
+def in_fresh_process(probe: dict) -> dict[str, float]:
+    """`--memory-probe` in a fresh process, whose heap holds nothing of the other settings."""
     threads = str(torch.get_num_threads())
     out = subprocess.run(
-        [sys.executable, __file__, "--memory-probe", probe, "--threads", threads],
+        [sys.executable, __file__, "--memory-probe", json.dumps(probe), "--threads", threads],
         check=True,
         capture_output=True,
         text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_memory(setting: Setting, device: torch.device, loop: bool = True) -> dict[str, float]:
+    """Peak memory of one meta-iteration; on CPU in a fresh process."""
+    if device.type == "cuda":
+        return peak_memory_here(setting, device, loop)
+    return in_fresh_process({"setting": setting.__dict__, "loop": loop})
+
+
+# Evaluation batches as the presets score them: model, shots, eval batch size (ways from the model).
+EVALUATIONS = {
+    "Omniglot 5-way 1-shot": ("omniglot5", 1, 5),
+    "Omniglot 20-way 1-shot": ("omniglot20", 1, 10),
+    "Mini-ImageNet 5-way 5-shot": ("miniimagenet5", 5, 15),
+}
+
+
+def evaluation_peak_here(name: str, tasks: int, device: torch.device) -> dict[str, float]:
+    """Peak memory (MiB) of scoring one DataLoader batch of `tasks` evaluation tasks as the
+    Lightning module does (both query modes, within `algorithm.eval_memory_mib`), and how many
+    tasks the budget adapts at once. Two inner steps: no graph outlives a step, so more steps
+    take the same memory."""
+    if device.type == "cpu":
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    model_key, shots, batch = EVALUATIONS[name]
+    build, shape, ways = MODELS[model_key]
+    torch.manual_seed(0)
+    algorithm = Reptile(eval_inner_steps=2, eval_batch_size=batch)
+    learner = MetaLearner(build().to(device), algorithm, loss="cross_entropy", score_after="acc")
+    support = ways * shots
+    index = torch.stack([torch.randperm(support)[: min(batch, support)] for _ in range(tasks * 2)])
+    task = {
+        "support_inputs": torch.rand(tasks, support, *shape),
+        "support_targets": torch.arange(ways).repeat_interleave(shots).expand(tasks, support),
+        "query_inputs": torch.rand(tasks, ways, *shape),
+        "query_targets": torch.arange(ways).expand(tasks, ways),
+        "batch_index": index.view(tasks, 2, -1),
+    }
+    task = {key: value.to(device) for key, value in task.items()}
+    per_task = learner.inner.evaluation_bytes(task, batch, non_transductive=True)
+    at_once = min(tasks, max(1, algorithm.eval_memory_bytes(device) // per_task))
+
+    def evaluate(task: Task) -> None:
+        with torch.no_grad():
+            learner.evaluation_step(task)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        evaluate(task)
+        torch.cuda.synchronize()
+        return {"mib": (torch.cuda.max_memory_allocated() - before) / 2**20, "at_once": at_once}
+    return {"mib": sampled_peak(evaluate, task) / 2**20, "at_once": at_once}
+
+
+def evaluation_memory_table(device: torch.device, tasks: int = 100) -> list[str]:
+    """Peak memory of one evaluation batch per dataset (the default dataset.eval_batch_tasks)."""
+    lines = [
+        f"| evaluation ({tasks} tasks a batch) | tasks adapted at once | peak memory (MiB) |",
+        "|---|---|---|",
+    ]
+    for name in EVALUATIONS:
+        if device.type == "cuda":
+            peak = evaluation_peak_here(name, tasks, device)
+        else:
+            peak = in_fresh_process({"evaluation": name, "tasks": tasks})
+        lines.append(f"| {name} | {peak['at_once']} | {peak['mib']:.0f} |")
+    return lines
 
 
 @dataclass
@@ -751,7 +817,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
         probe = json.loads(args.memory_probe)
-        print(json.dumps(peak_memory_here(Setting(**probe["setting"]), device, probe["loop"])))
+        if "evaluation" in probe:
+            peak = evaluation_peak_here(probe["evaluation"], probe["tasks"], device)
+        else:
+            peak = peak_memory_here(Setting(**probe["setting"]), device, probe["loop"])
+        print(json.dumps(peak))
         return
 
     if args.end_to_end:
@@ -772,7 +842,7 @@ def main() -> None:
             args.out.write_text("\n".join(loading) + "\n")
         return
     if args.memory_only:
-        memory = memory_table(device, args.quick)
+        memory = memory_table(device, args.quick) + [""] + evaluation_memory_table(device)
         print("\n".join(memory))
         if args.out:
             args.out.write_text("\n".join(memory) + "\n")
@@ -821,7 +891,7 @@ def main() -> None:
         "",
     ]
     print("\n".join(evaluation), flush=True)
-    memory = memory_table(device, args.quick)
+    memory = memory_table(device, args.quick) + [""] + evaluation_memory_table(device)
     print("\n".join(memory), flush=True)
     if args.out:
         args.out.write_text("\n".join(lines + evaluation + memory) + "\n")
