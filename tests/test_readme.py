@@ -15,3 +15,9 @@ def test_a_block_is_rerendered_between_its_markers() -> None:
     new = readme.regenerate(f"a\n{opening}old\n{closing}b\n")
     assert new.startswith(f"a\n{opening}#### Omniglot\n")
     assert new.endswith(f"{closing}b\n") and "old" not in new
+
+
+def test_an_included_section_is_the_text_under_its_heading(tmp_path) -> None:
+    results = tmp_path / "results.md"
+    results.write_text("# R\n\n## A\n\n| x |\n|---|\n| 1 |\n\n## B\n\nother\n")
+    assert readme.section(results, "A") == "| x |\n|---|\n| 1 |\n"

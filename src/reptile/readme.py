@@ -7,7 +7,9 @@ A block is a table rendered from committed result files by the command its openi
     <!-- end of generated block -->
 
 `reptile.report <dirs> [--x/--y/--hue]` renders the table of those runs (its report.md);
-`reptile.paper table` the paper-vs-ours tables. This command re-renders every block of README.md
+`reptile.paper table` the paper-vs-ours tables; `reptile.readme include <file> <heading>` the
+text under that heading of a committed results file (benchmarks/results-cpu.md), as the
+benchmark wrote it. This command re-renders every block of README.md
 and benchmarks/paper/README.md in place; `--check` only says which are stale (exit 1), as the test
 that guards them does.
 """
@@ -42,7 +44,20 @@ def render(command: str) -> str:
         from reptile import paper
 
         return paper.render(paper.load_runs())
+    if module == "readme" and len(arguments) == 3 and arguments[0] == "include":
+        return section(ROOT / arguments[1], arguments[2])
     raise ValueError(f"unknown generator in a README block: python -m reptile.{command}")
+
+
+def section(path: Path, heading: str) -> str:
+    """The lines under `## <heading>` in the markdown file `path`, up to the next heading."""
+    lines = path.read_text().splitlines()
+    try:
+        start = lines.index(f"## {heading}") + 1
+    except ValueError:
+        raise ValueError(f"{path}: no section '## {heading}'") from None
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("#")), len(lines))
+    return "\n".join(lines[start:end]).strip("\n") + "\n"
 
 
 def regenerate(text: str) -> str:
