@@ -268,6 +268,18 @@ def sampled_peak(step: Callable[[Task], None], task: Task) -> int:
     return max(peak[0], resident_bytes()) - before
 
 
+def peak_mib(step: Callable[[Task], None], task: Task, device: torch.device) -> float:
+    """Peak memory (MiB) that `step` adds: allocated on a GPU, the resident set on the CPU."""
+    if device.type != "cuda":
+        return sampled_peak(step, task) / 2**20
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(task)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def peak_memory_here(setting: Setting, device: torch.device, loop: bool) -> dict[str, float]:
     """Peak memory (MiB) that one meta-iteration adds, for the project's step (and the loop)."""
     if device.type == "cpu":
@@ -283,15 +295,7 @@ def peak_memory_here(setting: Setting, device: torch.device, loop: bool) -> dict
     peaks = {}
     for which, step in steps.items():
         step(task)  # warm-up: one-time allocations are not the step's
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            step(task)
-            torch.cuda.synchronize()
-            peaks[which] = (torch.cuda.max_memory_allocated() - before) / 2**20
-        else:
-            peaks[which] = sampled_peak(step, task) / 2**20
+        peaks[which] = peak_mib(step, task, device)
     return peaks
 
 
@@ -351,14 +355,7 @@ def evaluation_peak_here(name: str, tasks: int, device: torch.device) -> dict[st
         with torch.no_grad():
             learner.evaluation_step(task)
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        evaluate(task)
-        torch.cuda.synchronize()
-        return {"mib": (torch.cuda.max_memory_allocated() - before) / 2**20, "at_once": at_once}
-    return {"mib": sampled_peak(evaluate, task) / 2**20, "at_once": at_once}
+    return {"mib": peak_mib(evaluate, task, device), "at_once": at_once}
 
 
 def evaluation_memory_table(device: torch.device, tasks: int = 100) -> list[str]:

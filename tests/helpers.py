@@ -198,3 +198,22 @@ def meta_gradients(algorithm: Any, model: nn.Module, task: dict, loss: str = "ms
     meta = {"phi": weights(model), **algorithm.init_meta_parameters(model, inner.adapted)}
     state = algorithm.start_state(inner, meta, None, len(task["support_targets"]))
     return algorithm.meta_gradient(inner, meta, state, task).gradient
+
+
+def quiet_trainer(**options: Any) -> Any:
+    """A real Lightning Trainer without logger, bar, summary or validation (`options` override;
+    checkpointing only by a ModelCheckpoint among the callbacks)."""
+    import pytorch_lightning as pl
+
+    checkpointing = any(
+        isinstance(c, pl.callbacks.ModelCheckpoint) for c in options.get("callbacks", [])
+    )
+    settings = dict(
+        logger=False,
+        enable_checkpointing=checkpointing,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        inference_mode=False,  # evaluation adapts with autograd, as conf/trainer says
+    )
+    return pl.Trainer(**(settings | options))

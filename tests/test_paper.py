@@ -11,21 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_process import environment, results, train
+from train_process import TINY, environment, results, train
 
 from reptile import paper
 
 # A sine run of 6 meta-iterations whose ε does not depend on its length (outer Adam at a constant
 # rate), so that 3 steps trained elsewhere are the first half of the 6-step run.
-TRAIN = [
-    "trainer.max_steps=6",
-    "trainer.val_check_interval=3",
-    "dataset.num_val_tasks=4",
-    "dataset.num_test_tasks=6",
-    "dataset.grid_points=50",
-    "algorithm.eval_inner_steps=2",
-    "algorithm.meta_lr_final=0.001",
-]
+TRAIN = [*TINY, "algorithm.meta_lr_final=0.001"]
 ROWS = {
     "tiny": {
         "train": TRAIN,

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import sine_tasks, take_steps, weights
+from helpers import quiet_trainer, sine_tasks, take_steps, weights
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -35,13 +35,8 @@ def train_one_meta_iteration(algorithm: Reptile, tasks: dict[str, torch.Tensor])
     model = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(model.weight)
     module = MetaLearner(model, algorithm, loss="mse", score_after="mse_after")
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=DataLoader([tasks], batch_size=None))
     return model
@@ -129,13 +124,8 @@ def test_carried_inner_state_follows_a_per_task_loop(inner_state: str) -> None:
         eval_batch_size=5,
     )
     learner = MetaLearner(model, algorithm, loss="mse")
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=len(meta_batches),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
     )
     trainer.fit(learner, train_dataloaders=DataLoader(meta_batches, batch_size=None))
     trained_state = reference_training(reference, meta_batches, inner_state, steps, epsilon)
@@ -164,15 +154,11 @@ def test_carried_inner_state_follows_a_per_task_loop(inner_state: str) -> None:
 
 def fit(learner: MetaLearner, root, max_steps: int, ckpt_path=None) -> None:
     """Trains on sine tasks addressed by step, with the project's trainer settings for resuming."""
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=max_steps,
         max_epochs=-1,
         reload_dataloaders_every_n_epochs=1,
-        logger=False,
         default_root_dir=root,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True)],
     )
     tasks = SineWaves(meta_batch_size=2, train_schedule=InnerSchedule(3, 5), num_val_tasks=0)

@@ -3,8 +3,8 @@ bfloat16, φ and every optimizer state in float32."""
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
+from helpers import quiet_trainer
 from torch.utils.data import DataLoader
 
 from reptile.algorithms import Reptile
@@ -34,14 +34,9 @@ def train(precision: str) -> MetaLearner:
     learner = MetaLearner(
         Conv4(1, 5, hidden=16), algorithm, loss="cross_entropy", score_after="acc"
     )
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=3,
         precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
     )
     trainer.fit(learner, train_dataloaders=DataLoader(image_tasks(3), batch_size=None))
     return learner

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+from helpers import quiet_trainer
 
 from reptile.algorithms import Reptile
 from reptile.data.sine import SineWaves
@@ -37,15 +38,9 @@ def test_speed_is_logged_per_interval_and_per_evaluation(tmp_path) -> None:
     torch.manual_seed(0)
     learner = MetaLearner(MLP(hidden=(8,)), Reptile(eval_inner_steps=2), loss="mse")
     recorder = Recorder()
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=9,
-        inference_mode=False,  # evaluation adapts with autograd, as conf/trainer says
         log_every_n_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
         callbacks=[Speed(), recorder, ResultsWriter(str(tmp_path / "results.json"))],
     )
     tasks = SineWaves(meta_batch_size=2, num_val_tasks=0, num_test_tasks=4, grid_points=20)

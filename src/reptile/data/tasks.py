@@ -61,6 +61,12 @@ def inner_batch_index(
     return order[:needed].view(schedule.steps, batch_size)
 
 
+def with_schedule(task: Task, schedule: InnerSchedule, generator: torch.Generator) -> Task:
+    """`task` with its inner mini-batches, drawn by the generator that drew the task."""
+    task["batch_index"] = inner_batch_index(len(task["support_targets"]), schedule, generator)
+    return task
+
+
 def collate_tasks(tasks: list[Task]) -> Task:
     return {key: torch.stack([task[key] for task in tasks]) for key in tasks[0]}
 
@@ -100,10 +106,7 @@ class TrainTasks(Dataset):
     def task(self, index: int) -> Task:
         generator = task_generator(self.seed, "train", index)
         task = self.distribution.sample_train_task(generator, self.tail_size)
-        task["batch_index"] = inner_batch_index(
-            len(task["support_targets"]), self.schedule, generator
-        )
-        return task
+        return with_schedule(task, self.schedule, generator)
 
 
 class EvalTasks(Dataset):
@@ -130,7 +133,4 @@ class EvalTasks(Dataset):
     def __getitem__(self, item: int) -> Task:
         generator = task_generator(self.seed, self.split, self.indices[item])
         task = self.distribution.sample_eval_task(self.split, generator)
-        task["batch_index"] = inner_batch_index(
-            len(task["support_targets"]), self.schedule, generator
-        )
-        return task
+        return with_schedule(task, self.schedule, generator)
