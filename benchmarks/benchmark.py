@@ -37,6 +37,7 @@ import ctypes.util
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -388,6 +389,11 @@ class Result:
     compiled: float = float("nan")  # meta-iterations/s with algorithm.compile=true
     compile_seconds: float = float("nan")  # its cold warm-up
     compiled_error: float = float("nan")  # max |Δφ| / max |φ| against the loop, 1 it. float32
+
+
+def cell(value: float, spec: str, unit: str = "") -> str:
+    """A table cell; — where the path was not measured (no compiled model, no bf16 units)."""
+    return "—" if math.isnan(value) else f"{value:{spec}}{unit}"
 
 
 def phi_difference(setting: Setting, task: Task, device: torch.device) -> float:
@@ -868,9 +874,10 @@ def main() -> None:
             f"| {setting.inner_optimizer} | {r.project:.1f} | {r.loop:.1f} "
             f"| {r.project / r.loop:.1f}× | {r.flops / 1e9:.3f} "
             f"| {r.flops * r.project / peak:.0%} | {r.project_mib:.0f} | {r.loop_mib:.0f} "
-            f"| {r.max_error:.0e} | {r.compiled:.1f} | {r.compiled / r.loop:.1f}× "
-            f"| {r.compile_seconds:.0f} | {r.compiled_error:.0e} "
-            f"| {r.bf16:.1f} | {r.bf16 / r.project:.2f}× |"
+            f"| {r.max_error:.0e} | {cell(r.compiled, '.1f')} "
+            f"| {cell(r.compiled / r.loop, '.1f', '×')} "
+            f"| {cell(r.compile_seconds, '.0f')} | {cell(r.compiled_error, '.0e')} "
+            f"| {cell(r.bf16, '.1f')} | {cell(r.bf16 / r.project, '.2f', '×')} |"
         )
         lines.append(line)
         print(line, flush=True)
