@@ -300,14 +300,15 @@ def continue_training(
             "logger=csv",
         ]
     )
-    started, began = now(), time.monotonic()
+    # The code that trains is the checkout's at the start: commits made meanwhile do not count.
+    started, began, code = now(), time.monotonic(), commit()
     status = run_until(command, hours, run.work / "train.out")
     end = run.last_checkpoint
     end_step = global_step(end) if end.is_file() else start_step
     record = run.record()
     record["training"].append(
         {
-            "commit": commit(),
+            "commit": code,
             "hardware": hardware(overrides),
             "started": started,
             "seconds": round(time.monotonic() - began),
@@ -342,7 +343,7 @@ def evaluate(run: Run, overrides: list[str]) -> None:
                 "logger=none",
             ]
         )
-        started, began = now(), time.monotonic()
+        started, began, code = now(), time.monotonic(), commit()
         status = run_until(command, None, where / "eval.out")
         if status != 0:
             raise RowError(f"run {run.name}: evaluation {name} failed (exit {status}; {where})")
@@ -350,7 +351,7 @@ def evaluate(run: Run, overrides: list[str]) -> None:
         shutil.copy2(where / "results.json", run.folder / "results" / f"{name}.json")
         record = run.record()
         record["evaluation"][name] = {
-            "commit": commit(),
+            "commit": code,
             "hardware": hardware(overrides),
             "started": started,
             "seconds": round(time.monotonic() - began),
