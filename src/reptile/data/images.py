@@ -20,7 +20,9 @@ import io
 import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
+import signal
 import tempfile
 import time
 import zipfile
@@ -346,15 +348,29 @@ def decoded_chunks(files: list[ImageFile], image_size: int, channels: int) -> It
         if workers == 1:
             results: Iterable[DecodedChunk] = map(decode_chunk, jobs)
         else:
-            # fork: the workers need only PIL and numpy, and start at once (spawn would re-import
-            # torch and Lightning in each of them). imap keeps the order, so the cache is
-            # written as it goes; a pool's context exit terminates it.
-            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
-            results = pool.imap(decode_chunk, jobs)
+            # imap keeps the order, so the cache is written as it goes.
+            results = stack.enter_context(decode_pool(workers)).imap(decode_chunk, jobs)
         for images, failure in results:
             if failure is not None:
                 raise DamagedFiles(describe_failure(*failure))
             yield images
+
+
+def decode_pool(workers: int) -> multiprocessing.pool.Pool:
+    """Processes that decode images; leaving the pool's context terminates them.
+
+    fork: the workers need only PIL and numpy, and start at once (spawn would re-import torch and
+    Lightning in each of them). They would inherit the run's SIGTERM handler, which ignores the
+    signal outside the main process, and `Pool.terminate` (SIGTERM) would then wait forever for a
+    worker blocked on the pool's task queue: they take the default action back. Ctrl-C reaches
+    the whole process group; the main process answers it by terminating the pool.
+    """
+    return multiprocessing.get_context("fork").Pool(workers, initializer=default_stop_signals)
+
+
+def default_stop_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def describe_failure(file: ImageFile, reason: str) -> str:
