@@ -14,7 +14,7 @@ from reptile.cli import reporting_interruption, stop_request  # also registers t
 def main(cfg: DictConfig) -> float | None:
     stop_request.install()
     with reporting_interruption():
-        from reptile.train import run_job  # torch and Lightning: after Hydra's own work
+        from reptile.job import run_job  # torch after Hydra's own work, Lightning after the checks
 
         return run_job(cfg)
 

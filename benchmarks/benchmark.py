@@ -59,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from reptile.algorithms import Reptile
 from reptile.algorithms.base import Algorithm
 from reptile.cli import has_bf16_units
-from reptile.data.datamodule import TaskDataModule
+from reptile.data.distribution import TaskDistribution
 from reptile.data.miniimagenet import MiniImageNet
 from reptile.data.omniglot import Omniglot
 from reptile.data.tasks import InnerSchedule, Task
@@ -544,7 +544,7 @@ REAL_DATA = {
 LOADER_WORKERS = (0, 1, 2)
 
 
-def real_datamodule(setting: Setting, data_dir: Path, cache_dir: str | None) -> TaskDataModule:
+def real_tasks(setting: Setting, data_dir: Path, cache_dir: str | None) -> TaskDistribution:
     """The dataset behind `setting`, drawing its training tasks: the same shapes and schedule."""
     dataset, folder = REAL_DATA[setting.name]
     ways = MODELS[setting.model][2]
@@ -556,7 +556,7 @@ def real_datamodule(setting: Setting, data_dir: Path, cache_dir: str | None) -> 
         meta_batch_size=setting.meta_batch,
         train_schedule=InnerSchedule(steps=setting.inner_steps, batch_size=setting.inner_batch),
     )
-    data.setup()  # decodes into the cache on first use: not timed
+    data.prepare()  # decodes into the cache on first use: not timed
     real = next(iter(train_loader(data, 0, 1)))
     for key, value in random_tasks(setting, 1, torch.device("cpu"))[0].items():
         if real[key].shape != value.shape:  # the table would time another setting
@@ -566,11 +566,11 @@ def real_datamodule(setting: Setting, data_dir: Path, cache_dir: str | None) -> 
     return data
 
 
-def train_loader(data: TaskDataModule, workers: int, batches: int) -> DataLoader:
+def train_loader(data: TaskDistribution, workers: int, batches: int) -> DataLoader:
     return DataLoader(data.train_tasks(0, batches), batch_size=None, num_workers=workers)
 
 
-def loader_rate(data: TaskDataModule, workers: int, batches: int) -> float:
+def loader_rate(data: TaskDistribution, workers: int, batches: int) -> float:
     """Meta-batches/s the DataLoader delivers from the real TrainTasks, not counting the first
     (the workers' start)."""
     loaded = iter(train_loader(data, workers, batches + 1))
@@ -582,7 +582,7 @@ def loader_rate(data: TaskDataModule, workers: int, batches: int) -> float:
 
 
 def step_rates(
-    setting: Setting, data: TaskDataModule, rounds: int, device: torch.device
+    setting: Setting, data: TaskDistribution, rounds: int, device: torch.device
 ) -> tuple[float, float]:
     """Training steps/s of the project's step on real meta-batches: alone (the meta-batches
     loaded beforehand), and fed by a DataLoader with one worker, as the presets train."""
@@ -617,7 +617,7 @@ def data_loading_table(
         "|---|---|---|---|",
     ]
     for setting in (s for s in SETTINGS if s.name in REAL_DATA and s.inner_optimizer == "adam"):
-        data = real_datamodule(setting, data_dir, cache_dir)
+        data = real_tasks(setting, data_dir, cache_dir)
         rates = [loader_rate(data, workers, 4 * rounds) for workers in LOADER_WORKERS]
         alone, fed = step_rates(setting, data, rounds, device)
         line = (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from reptile import readme
 
 
@@ -21,3 +23,30 @@ def test_an_included_section_is_the_text_under_its_heading(tmp_path) -> None:
     results = tmp_path / "results.md"
     results.write_text("# R\n\n## A\n\n| x |\n|---|\n| 1 |\n\n## B\n\nother\n")
     assert readme.section(results, "A") == "| x |\n|---|\n| 1 |\n"
+
+
+def test_a_run_summary_shows_its_command_curve_test_time_and_memory(tmp_path) -> None:
+    (tmp_path / "overrides.yaml").write_text("- experiment=x\n- threads=1\n")
+    (tmp_path / "curve.csv").write_text(
+        "step,val/acc,val/acc_ci95,val/acc_transductive\n500,0.428,0.042,0.472\n1000,0.46,,\n"
+    )
+    (tmp_path / "results.json").write_text(
+        '{"test/acc": 0.5, "test/acc_ci95": 0.011, "test/acc_transductive": 0.55}'
+    )
+    piece = {"from_step": 0, "to_step": 1000, "seconds": 5400, "hardware": "CPU A"}
+    evaluation = {"step": 1000, "tasks": 1000, "seconds": 600, "hardware": "CPU B"}
+    record = {"training": [piece], "evaluation": evaluation, "memory": "1 GB."}
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    assert readme.run_summary(tmp_path).splitlines() == [
+        "    python train.py experiment=x threads=1",
+        "",
+        "| meta-iteration | `acc` | `acc_transductive` |",
+        "|---|---|---|",
+        "| 500 (val) | 42.8 ± 4.2 | 47.2 |",
+        "| 1,000 (val) | 46.0 | — |",
+        "| 1,000 (test, 1,000 tasks) | 50.0 ± 1.1 | 55.0 |",
+        "",
+        "Wall time: meta-iterations 0–1,000 in 1 h 30 min on CPU A; the test in 10 min on CPU B.",
+        "",
+        "Peak memory: 1 GB.",
+    ]

@@ -141,6 +141,32 @@ def test_bad_input_exits_nonzero_before_training_with_one_line(tmp_path: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("algorithm.inner_steps=0", "algorithm.inner_steps"),
+        ("model.hidden=[0]", "model.hidden"),
+        ("dataset.meta_batch_size=0", "dataset.meta_batch_size"),
+        ("ckpt_path=missing.ckpt", "ckpt_path"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+    ],
+)
+def test_config_errors_come_before_lightning_is_imported(tmp_path: Path, override, key) -> None:
+    """What makes them appear within about a second: torch's import is the only wait (Lightning's
+    took several seconds more). Python's own import log shows what the process imported."""
+    env = {**environment(tmp_path), "PYTHONPROFILEIMPORTTIME": "1"}
+    result = run(tmp_path, override, f"hydra.run.dir={tmp_path}", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    assert "torch" in imported
+    assert not imported & {"pytorch_lightning", "lightning_fabric", "torchmetrics", "wandb"}
+    assert [line for line in lines if not line.startswith("import time:")][-1].startswith(
+        f"error: {key}="
+    )
+
+
+@pytest.mark.slow
 def test_divergence_stops_with_the_meta_iteration(tmp_path: Path) -> None:
     result = run(tmp_path, *TINY, "algorithm.inner_lr=1e30", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 3

@@ -103,6 +103,10 @@ class OutputFolderCheck(Callback):
             fail(error)
 
 
+class DivergenceError(RuntimeError):
+    """Training produced a NaN or infinite value (exit code 3)."""
+
+
 class JobFailed(Exception):
     """A multirun job's failure, already reported on its own line; the sweeper lists it at the
     end. Built from plain values: joblib sends it back from its worker processes."""

@@ -9,18 +9,23 @@ A block is a table rendered from committed result files by the command its openi
 `reptile.report <dirs> [--x/--y/--hue]` renders the table of those runs (its report.md);
 `reptile.paper table` the paper-vs-ours tables; `reptile.readme include <file> <heading>` the
 text under that heading of a committed results file (benchmarks/results-cpu.md), as the
-benchmark wrote it. This command re-renders every block of README.md
-and benchmarks/paper/README.md in place; `--check` only says which are stale (exit 1), as the test
-that guards them does.
+benchmark wrote it; `reptile.readme run <folder>` a committed run's command, validation curve,
+test scores, wall time and peak memory (its overrides.yaml, curve.csv, results.json, run.json).
+This command re-renders every block of README.md and benchmarks/paper/README.md in place;
+`--check` only says which are stale (exit 1), as the test that guards them does.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import re
 import shlex
 import sys
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = (ROOT / "README.md", ROOT / "benchmarks" / "paper" / "README.md")
@@ -46,6 +51,8 @@ def render(command: str) -> str:
         return paper.render(paper.load_runs())
     if module == "readme" and len(arguments) == 3 and arguments[0] == "include":
         return section(ROOT / arguments[1], arguments[2])
+    if module == "readme" and len(arguments) == 2 and arguments[0] == "run":
+        return run_summary(ROOT / arguments[1])
     raise ValueError(f"unknown generator in a README block: python -m reptile.{command}")
 
 
@@ -58,6 +65,55 @@ def section(path: Path, heading: str) -> str:
         raise ValueError(f"{path}: no section '## {heading}'") from None
     end = next((i for i in range(start, len(lines)) if lines[i].startswith("#")), len(lines))
     return "\n".join(lines[start:end]).strip("\n") + "\n"
+
+
+def percent(row: dict[str, str], key: str) -> str:
+    """`key` of `row` in percent, with its 95 % interval when the row has one."""
+    if not row.get(key):
+        return "—"
+    ci = row.get(f"{key}_ci95")
+    return f"{100 * float(row[key]):.1f}" + (f" ± {100 * float(ci):.1f}" if ci else "")
+
+
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def run_summary(folder: Path) -> str:
+    """A committed run: the command, its validation curve and test scores, where and how long
+    each piece of it ran, and its peak memory."""
+    overrides = OmegaConf.to_container(OmegaConf.load(folder / "overrides.yaml"))
+    with open(folder / "curve.csv", newline="") as file:
+        curve = list(csv.DictReader(file))
+    record = json.loads((folder / "run.json").read_text())
+    results = {k: str(v) for k, v in json.loads((folder / "results.json").read_text()).items()}
+    metric = "acc"
+    other = f"{metric}_transductive"
+    lines = [
+        "    " + shlex.join(["python", "train.py", *overrides]),
+        "",
+        f"| meta-iteration | `{metric}` | `{other}` |",
+        "|---|---|---|",
+        *(
+            f"| {int(row['step']):,} (val) | {percent(row, f'val/{metric}')} | "
+            f"{percent(row, f'val/{other}')} |"
+            for row in curve
+        ),
+        f"| {int(record['evaluation']['step']):,} (test, {record['evaluation']['tasks']:,} tasks) "
+        f"| {percent(results, f'test/{metric}')} | {percent(results, f'test/{other}')} |",
+        "",
+    ]
+    pieces = [
+        f"meta-iterations {piece['from_step']:,}–{piece['to_step']:,} in "
+        f"{duration(piece['seconds'])} on {piece['hardware']}"
+        for piece in record["training"]
+    ]
+    evaluation = record["evaluation"]
+    pieces.append(f"the test in {duration(evaluation['seconds'])} on {evaluation['hardware']}")
+    lines.append("Wall time: " + "; ".join(pieces) + ".")
+    lines += ["", f"Peak memory: {record['memory']}", ""]
+    return "\n".join(lines)
 
 
 def regenerate(text: str) -> str:

@@ -19,7 +19,7 @@ first_decodes: dict[str, float] = {}  # dataset → seconds its session cache to
 def decoded_once(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> Path:
     directory = tmp_path_factory.mktemp(f"{name}-cache")
     started = time.perf_counter()
-    make(str(directory)).prepare_data()
+    make(str(directory)).prepare()
     first_decodes[name] = time.perf_counter() - started
     return directory
 

@@ -161,15 +161,15 @@ def test_tasks_depend_only_on_the_generator():
 def test_impossible_task_sizes_fail_with_one_clear_line(options, key):
     data = Numbered(**options)
     with pytest.raises(ConfigValueError) as error:
-        data.setup()
+        data.prepare()
     assert error.value.key == key
     assert "\n" not in str(error.value)
 
 
 def test_val_split_is_only_checked_when_val_tasks_are_drawn():
-    Numbered(ways=5, val_classes=4, num_val_tasks=0).setup()
+    Numbered(ways=5, val_classes=4, num_val_tasks=0).prepare()
     with pytest.raises(ConfigValueError, match="ways=5: expected at most 4, the number of classes"):
-        Numbered(ways=5, val_classes=4).setup()
+        Numbered(ways=5, val_classes=4).prepare()
 
 
 def test_dataloader_workers_reuse_the_loaded_splits(tmp_path):

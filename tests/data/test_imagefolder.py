@@ -46,7 +46,7 @@ def make(root: Path, tmp_path: Path, **options) -> ImageFolder:
         **options,
     }
     data = ImageFolder(root=root, cache_dir=str(tmp_path / "cache"), **options)
-    data.setup()
+    data.prepare()
     return data
 
 
@@ -112,7 +112,7 @@ def test_config(compose, root, tmp_path):
     assert isinstance(data, ImageFolder)
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.in_channels == 1  # taken from dataset.channels
-    data.setup()
+    data.prepare()
     task = data.sample_train_task(torch.Generator().manual_seed(0), tail_size=0)
     assert task["support_inputs"].shape == (2 * 4, 1, 28, 28)
     assert model(task["support_inputs"]).shape == (8, 2)

@@ -58,7 +58,7 @@ def load(root: Path, cache: Path) -> ImageFolder:
         val_fraction=0.25,
         test_fraction=0.25,
     )
-    data.setup()
+    data.prepare()
     return data
 
 
@@ -198,7 +198,7 @@ def test_undecodable_image_fails_with_one_line_and_leaves_no_cache(root, tmp_pat
 @needs_omniglot
 def test_omniglot_cache_is_reused_without_decoding(omniglot_cache, no_decoding):
     data = Omniglot(root=OMNIGLOT, cache_dir=str(omniglot_cache))
-    data.setup()
+    data.prepare()
     assert data.splits["train"].images.shape == (32_460, 1, 28, 28)
 
 
@@ -206,7 +206,7 @@ def test_omniglot_cache_is_reused_without_decoding(omniglot_cache, no_decoding):
 @linux_only
 def test_miniimagenet_cache_is_mapped_without_decoding(miniimagenet_cache, no_decoding):
     data = MiniImageNet(root=MINIIMAGENET, cache_dir=str(miniimagenet_cache))
-    data.setup()
+    data.prepare()
     maps = mapped_files()
     for split, count in (("train", 38_400), ("val", 9_600), ("test", 12_000)):
         assert data.splits[split].images.shape == (count, 3, 84, 84)
@@ -235,7 +235,7 @@ def test_real_split_is_rebuilt_alone(miniimagenet_cache, tmp_path, caplog, split
     damage(*linked_copy(miniimagenet_cache, tmp_path / "cache", split))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         rebuilt = MiniImageNet(root=MINIIMAGENET, cache_dir=str(tmp_path / "cache"))
-        rebuilt.setup()
+        rebuilt.prepare()
     assert caplog.text.count("rebuilding it") == 1 and f"-{split}-" in caplog.text
     assert f"is {problem}" in caplog.text
     (reference,) = miniimagenet_cache.glob(f"miniimagenet-{split}-*.npy")

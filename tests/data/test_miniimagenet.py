@@ -39,7 +39,7 @@ PIXELS_SHA256 = {
 def data(miniimagenet_cache) -> MiniImageNet:
     """The default dataset (5-way 1-shot), loaded once for the tests that only read it."""
     data = MiniImageNet(root=MINIIMAGENET, cache_dir=str(miniimagenet_cache))
-    data.setup()
+    data.prepare()
     return data
 
 
@@ -47,7 +47,7 @@ def data(miniimagenet_cache) -> MiniImageNet:
 def miniimagenet(miniimagenet_cache):
     def make(root: Path = MINIIMAGENET, **options) -> MiniImageNet:
         data = MiniImageNet(root=root, cache_dir=str(miniimagenet_cache), **options)
-        data.setup()
+        data.prepare()
         return data
 
     return make
@@ -146,7 +146,7 @@ def test_extracted_files_decode_as_the_zip(data, tmp_path):
     extract_classes(root, per_split=2, images_per_class=20)
     extracted = MiniImageNet(root=root, cache_dir=str(tmp_path / "cache"), ways=2)
     assert extracted.archive is None
-    extracted.setup()
+    extracted.prepare()
     for split in CLASSES:
         part, whole = extracted.splits[split], data.splits[split]
         assert part.names == whole.names[:2]
@@ -173,21 +173,21 @@ def test_missing_image_or_bad_csv_fails_with_one_line(tmp_path):
     name, _ = csv_rows("val")[3]
     (root / "images" / name).unlink()
     with pytest.raises(ConfigValueError) as error:
-        MiniImageNet(root=root, cache_dir=str(tmp_path / "cache"), ways=2).setup()
+        MiniImageNet(root=root, cache_dir=str(tmp_path / "cache"), ways=2).prepare()
     assert str(error.value).endswith(
         f"expected every image that val.csv lists, but 1 of them are not in {root / 'images'} "
         f"(images/{name}): put an intact mini-imagenet.zip there (or the files extracted from it)"
     )
     (root / "train.csv").write_text("file,class\n")
     with pytest.raises(ConfigValueError, match=r"but train\.csv starts with \['file', 'class'\]"):
-        MiniImageNet(root=root, cache_dir=str(tmp_path / "cache"), ways=2).setup()
+        MiniImageNet(root=root, cache_dir=str(tmp_path / "cache"), ways=2).prepare()
 
 
 def test_truncated_archive_fails_with_one_line(tmp_path):
     with open(ARCHIVE, "rb") as source, open(tmp_path / "mini-imagenet.zip", "wb") as copy:
         copy.write(source.read(20 * 2**20))  # a download stopped at 20 MiB
     with pytest.raises(ConfigValueError) as error:
-        MiniImageNet(root=tmp_path, cache_dir=str(tmp_path / "cache")).setup()
+        MiniImageNet(root=tmp_path, cache_dir=str(tmp_path / "cache")).prepare()
     assert error.value.key == "root" and "\n" not in str(error.value)
     assert str(error.value) == (
         f"root={str(tmp_path)!r}: expected intact image files, but "
@@ -219,7 +219,7 @@ def test_damaged_members_are_named(tmp_path):
     for member in damaged:
         damage_member(copy, member)
     with pytest.raises(ConfigValueError) as error:
-        MiniImageNet(root=tmp_path, cache_dir=str(tmp_path / "cache")).setup()
+        MiniImageNet(root=tmp_path, cache_dir=str(tmp_path / "cache")).prepare()
     assert "\n" not in str(error.value)
     assert str(error.value).endswith(
         f"expected intact image files, but 2 members of {copy} fail their CRC-32 check "
@@ -234,7 +234,7 @@ def test_archive_without_the_split_files_fails_with_one_line(tmp_path):
     with zipfile.ZipFile(tmp_path / "mini-imagenet.zip", "w") as archive:
         archive.writestr("train.csv", "filename,label\n")
     with pytest.raises(ConfigValueError, match=r"mini-imagenet\.zip has no val\.csv, test\.csv: "):
-        MiniImageNet(root=tmp_path, cache_dir=str(tmp_path / "cache")).setup()
+        MiniImageNet(root=tmp_path, cache_dir=str(tmp_path / "cache")).prepare()
 
 
 def test_config(compose, miniimagenet_cache):
@@ -249,6 +249,6 @@ def test_config(compose, miniimagenet_cache):
     assert (data.ways, data.shots, data.train_shots, data.image_size) == (5, 5, 15, 84)
     model = instantiate(cfg.model, _convert_="all")
     assert model.classifier.in_features == 32 * 6 * 6
-    data.setup()
+    data.prepare()
     task = data.sample_eval_task("test", torch.Generator().manual_seed(0))
     assert model(task["support_inputs"]).shape == (25, 5)

@@ -28,7 +28,7 @@ pytestmark = needs_omniglot
 def omniglot(omniglot_cache):
     def make(**options) -> Omniglot:
         data = Omniglot(root=OMNIGLOT, cache_dir=str(omniglot_cache), **options)
-        data.setup()
+        data.prepare()
         return data
 
     return make
@@ -167,7 +167,7 @@ def test_incomplete_copy_is_rejected(tmp_path):
     with zipfile.ZipFile(tmp_path / "images_evaluation.zip", "w") as partial:
         partial.writestr("images_evaluation/Angelic/character01/0965_01.png", b"")
     with pytest.raises(ConfigValueError, match="1 characters and 1 images instead of 659 and"):
-        Omniglot(root=tmp_path, cache_dir=str(tmp_path / "cache")).setup()
+        Omniglot(root=tmp_path, cache_dir=str(tmp_path / "cache")).prepare()
 
 
 def test_extracted_folders_list_the_same_images(tmp_path):

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from reptile.algorithms import Reptile
 from reptile.data.sine import SineWaves
 from reptile.data.tasks import InnerSchedule
+from reptile.lightning.datamodule import TaskDataModule
 from reptile.lightning.module import MetaLearner
 from reptile.models.mlp import MLP
 
@@ -162,7 +163,7 @@ def fit(learner: MetaLearner, root, max_steps: int, ckpt_path=None) -> None:
         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True)],
     )
     tasks = SineWaves(meta_batch_size=2, train_schedule=InnerSchedule(3, 5), num_val_tasks=0)
-    trainer.fit(learner, datamodule=tasks, ckpt_path=ckpt_path)
+    trainer.fit(learner, datamodule=TaskDataModule(tasks), ckpt_path=ckpt_path)
 
 
 def test_meta_sgd_learns_its_rates_checkpoints_them_and_resumes_exactly(tmp_path) -> None:

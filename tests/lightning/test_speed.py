@@ -10,6 +10,7 @@ from helpers import quiet_trainer
 from reptile.algorithms import Reptile
 from reptile.data.sine import SineWaves
 from reptile.lightning.callbacks import ResultsWriter
+from reptile.lightning.datamodule import TaskDataModule
 from reptile.lightning.module import MetaLearner
 from reptile.lightning.speed import Speed
 from reptile.models.mlp import MLP
@@ -44,8 +45,8 @@ def test_speed_is_logged_per_interval_and_per_evaluation(tmp_path) -> None:
         callbacks=[Speed(), recorder, ResultsWriter(str(tmp_path / "results.json"))],
     )
     tasks = SineWaves(meta_batch_size=2, num_val_tasks=0, num_test_tasks=4, grid_points=20)
-    trainer.fit(learner, datamodule=tasks)
-    trainer.test(learner, datamodule=tasks)
+    trainer.fit(learner, datamodule=TaskDataModule(tasks))
+    trainer.test(learner, datamodule=TaskDataModule(tasks))
     names = [name for name, _ in recorder.logged]
     assert names == ["speed/meta_iterations_per_s"] * 3 + ["speed/test_tasks_per_s"]
     assert not any("speed" in line for line in (tmp_path / "results.json").read_text().split())

@@ -1,6 +1,6 @@
 """Task distributions: what a meta-learner adapts to."""
 
-from reptile.data.datamodule import TaskDataModule
+from reptile.data.distribution import TaskDistribution
 from reptile.data.tasks import InnerSchedule, Task
 
-__all__ = ["InnerSchedule", "Task", "TaskDataModule"]
+__all__ = ["InnerSchedule", "Task", "TaskDistribution"]

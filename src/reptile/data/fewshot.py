@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from reptile.config import require, require_int
-from reptile.data.datamodule import TaskDataModule
+from reptile.data.distribution import TaskDistribution
 from reptile.data.tasks import SPLITS, EvalTasks, Task, TrainTasks
 
 
@@ -87,7 +87,7 @@ class Split:
         return torch.rot90(images, self.rotations[turn], dims=(-2, -1))
 
 
-class FewShotClassification(TaskDataModule):
+class FewShotClassification(TaskDistribution):
     """N-way classification tasks drawn from the classes of a dataset's splits.
 
     A training task has `train_shots` support images per class (plus `tail_size` held-out query
@@ -97,8 +97,8 @@ class FewShotClassification(TaskDataModule):
     replacement, which keeps support and query disjoint. Only the generator passed in is used, so
     a task depends on nothing but its seed.
 
-    Subclasses implement `load_splits`; it runs once per process, in `prepare_data`/`setup` or, at
-    the latest, before DataLoader workers are started (they inherit the loaded images).
+    Subclasses implement `load_splits`; it runs once per process, in `prepare` or, at the latest,
+    before DataLoader workers are started (they inherit the loaded images).
     """
 
     loss = "cross_entropy"
@@ -148,20 +148,16 @@ class FewShotClassification(TaskDataModule):
             self._splits = splits
         return self._splits
 
-    def prepare_data(self) -> None:
-        # Builds the cache (or downloads) once, before the other processes of a run load it.
+    def prepare(self) -> None:
         self.load()
 
-    def setup(self, stage: str | None = None) -> None:
-        self.load()
-
-    def train_tasks(self, start_step: int, num_steps: int) -> TrainTasks:
+    def train_tasks(self, *args: Any, **kwargs: Any) -> TrainTasks:
         self.load()  # here at the latest: DataLoader workers then inherit the loaded images
-        return super().train_tasks(start_step, num_steps)
+        return super().train_tasks(*args, **kwargs)
 
-    def eval_tasks(self, split: str) -> EvalTasks:
+    def eval_tasks(self, *args: Any, **kwargs: Any) -> EvalTasks:
         self.load()
-        return super().eval_tasks(split)
+        return super().eval_tasks(*args, **kwargs)
 
     def sample_train_task(self, generator: torch.Generator, tail_size: int) -> Task:
         split = self.splits["train"]

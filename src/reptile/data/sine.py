@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from reptile.config import require_int, require_positive
-from reptile.data.datamodule import TaskDataModule
+from reptile.data.distribution import TaskDistribution
 from reptile.data.tasks import Task
 
 
-class SineWaves(TaskDataModule):
+class SineWaves(TaskDistribution):
     """a ~ U[amplitude], b ~ U[0, 2π], x ~ U[x_range]; evaluation is scored on a dense grid.
 
     Training tasks carry `shots` random points (plus a tail of `tail_size`); evaluation tasks adapt

@@ -25,8 +25,8 @@ Task = dict[str, torch.Tensor]
 SPLITS = ("train", "val", "test")
 
 
-class TaskDistribution(Protocol):
-    """A source of tasks; every `TaskDataModule` is one."""
+class TaskSampler(Protocol):
+    """What draws single tasks; every `reptile.data.distribution.TaskDistribution` does."""
 
     def sample_train_task(self, generator: torch.Generator, tail_size: int) -> Task: ...
 
@@ -76,7 +76,7 @@ class TrainTasks(Dataset):
 
     def __init__(
         self,
-        distribution: TaskDistribution,
+        distribution: TaskSampler,
         schedule: InnerSchedule,
         tail_size: int,
         seed: int,
@@ -114,7 +114,7 @@ class EvalTasks(Dataset):
 
     def __init__(
         self,
-        distribution: TaskDistribution,
+        distribution: TaskSampler,
         split: str,
         schedule: InnerSchedule,
         seed: int,

@@ -1,5 +1,5 @@
 """Lightning glue: the module, its metrics and callbacks."""
 
-from reptile.lightning.module import DivergenceError, MetaLearner
+from reptile.lightning.module import MetaLearner
 
-__all__ = ["DivergenceError", "MetaLearner"]
+__all__ = ["MetaLearner"]

@@ -19,9 +19,9 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.trainer.connectors.signal_connector import _SignalConnector
 
+from reptile.checkpoints import checkpoint_step
 from reptile.cli import STOP_SIGNALS, Interrupted, stop_request
 from reptile.data.tasks import collate_tasks
-from reptile.lightning.resume import checkpoint_step
 
 
 def write_atomically(path: Path, write: Any) -> None:
@@ -83,7 +83,7 @@ class AdaptationPlot(pl.Callback):
         with torch.no_grad():
             params = pl_module.adapted_params(task, sorted({0, min(1, last), last}))
             predictions = {steps: pl_module.predict(p, task) for steps, p in params.items()}
-        if not datamodule.plot_adaptation(predictions, task, self.path):
+        if not datamodule.tasks.plot_adaptation(predictions, task, self.path):
             return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -16,13 +16,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from reptile.algorithms.base import Algorithm, ScorePlan
 from reptile.algorithms.params import MetaParams, Params, State
+from reptile.cli import DivergenceError
 from reptile.config import ConfigValueError
 from reptile.data.tasks import Task
 from reptile.lightning.metrics import MeanWithConfidence
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a NaN or infinite value."""
 
 
 def parameter_key(name: str) -> str:

@@ -1,5 +1,5 @@
-"""What a checkpoint holds beyond Lightning's state and the module's (task sampler, RNG, W&B run),
-and reading one that a user names, with a one-line error for a missing, damaged or foreign file.
+"""What a checkpoint holds beyond Lightning's state and the module's (task sampler, RNG, W&B run).
+(Reading one that a user names: `reptile.checkpoints`.)
 
 Lightning restores φ, the outer optimizer, the LR schedule (ε's position) and the global step; the
 module adds the inner-optimizer state. Training step s draws tasks s·n ... s·n+n-1 (n the global
@@ -10,10 +10,7 @@ are restored anyway for anything that draws from them (dropout, user code).
 
 from __future__ import annotations
 
-import pickle
 import random
-import zipfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
-from reptile.config import ConfigValueError, require
+from reptile.config import require
 
 TASK_SAMPLER_SETTINGS = ("seed", "meta_batch_size")
 
@@ -57,7 +54,7 @@ class ResumeState(pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        settings = {key: getattr(trainer.datamodule, key) for key in TASK_SAMPLER_SETTINGS}
+        settings = {key: getattr(trainer.datamodule.tasks, key) for key in TASK_SAMPLER_SETTINGS}
         checkpoint["task_sampler"] = settings
         checkpoint["rng_states"] = rng_states()
         for logger in trainer.loggers:
@@ -68,105 +65,8 @@ class ResumeState(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         for key, saved in checkpoint.get("task_sampler", {}).items():
-            value = getattr(trainer.datamodule, key)
+            value = getattr(trainer.datamodule.tasks, key)
             accepted = f"{saved!r}, the checkpoint's (a resumed run must draw the same tasks)"
             require(value == saved, key, value, accepted)
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
-
-
-def load(path: Path) -> Any:
-    """A checkpoint's contents, memory-mapped (tensors are read when used). Only tensors and plain
-    containers are unpickled (`weights_only`): a checkpoint never runs code."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-
-
-def read_checkpoint(key: str, path: str | Path) -> dict[str, Any]:
-    """The checkpoint that `key` names, written by train.py; otherwise one line naming the file,
-    what is wrong with it and what to use instead."""
-    path = Path(path)
-    accepted = "a checkpoint written by train.py, but"
-    try:
-        checkpoint = load(path)
-    except Exception as error:  # each kind of damage has its own message below
-        raise ConfigValueError(
-            key, str(path), f"{accepted} {load_problem(path, error)}{intact_neighbour(path)}"
-        ) from None
-    require(
-        isinstance(checkpoint, dict) and "run_config" in checkpoint,
-        key,
-        str(path),
-        f"{accepted} it holds no run config (not written by train.py){intact_neighbour(path)}",
-    )
-    return checkpoint
-
-
-def load_problem(path: Path, error: Exception) -> str:
-    if isinstance(error, FileNotFoundError):
-        return "there is no such file"
-    if isinstance(error, IsADirectoryError):
-        return "it is a folder"
-    if isinstance(error, PermissionError):
-        return "it cannot be read (permission denied)"
-    if zipfile.is_zipfile(path):  # a whole torch.save archive that does not load
-        if isinstance(error, pickle.UnpicklingError):
-            return "it holds Python objects that safe loading (weights_only) refuses to run"
-        return f"it cannot be loaded ({str(error).splitlines()[0]})"
-    with open(path, "rb") as handle:
-        start = handle.read(4)
-    if not start:
-        return "the file is empty (a copy or a write that did not finish)"
-    if start == b"PK\x03\x04":  # the start of torch.save's zip archive, without its end
-        return "the file is truncated (a copy or a write that did not finish)"
-    return "the file is not a PyTorch checkpoint (damaged, or another kind of file)"
-
-
-def intact_neighbour(path: Path) -> str:
-    """A pointer to the latest readable checkpoint in the same folder, if there is one."""
-    if not path.parent.is_dir():
-        return ""
-    readable = [
-        (step, other)
-        for other in path.parent.glob("*.ckpt")
-        if other != path
-        if (step := checkpoint_step(other)) is not None
-    ]
-    if not readable:
-        return ""
-    step, latest = max(readable)
-    return f"; the intact {latest.name} beside it holds meta-iteration {step}: ckpt_path={latest}"
-
-
-def checkpoint_step(path: Path) -> int | None:
-    try:
-        checkpoint = load(path)
-    except Exception:  # an unreadable file is simply not offered
-        return None
-    if not isinstance(checkpoint, dict) or "run_config" not in checkpoint:
-        return None
-    return checkpoint.get("global_step")
-
-
-def require_same_model(key: str, path: str | Path, checkpoint: dict[str, Any], model: Any) -> None:
-    """The checkpoint's φ fits this run's model: the model settings both configs have agree.
-    (Settings only one side has, added or removed since, are not compared.)"""
-    difference = first_difference(checkpoint["run_config"].get("model", {}), model, "model")
-    require(
-        difference is None,
-        key,
-        str(path),
-        f"a checkpoint of this run's model, but {difference}: pass the settings it was trained "
-        "with (its run's .hydra/overrides.yaml) or another checkpoint",
-    )
-
-
-def first_difference(trained: Any, current: Any, key: str) -> str | None:
-    if isinstance(trained, dict) and isinstance(current, dict):
-        for name in sorted(trained.keys() & current.keys()):
-            difference = first_difference(trained[name], current[name], f"{key}.{name}")
-            if difference is not None:
-                return difference
-        return None
-    if trained != current:
-        return f"it was trained with {key}={trained!r} (this run: {current!r})"
-    return None

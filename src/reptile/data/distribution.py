@@ -1,26 +1,25 @@
-"""The Lightning side of every task distribution: meta-batches to train on, fixed tasks to score."""
+"""The base of every task distribution: its settings, meta-batches to train on, fixed tasks to
+score. Lightning-free, so that a run's values are checked before Lightning is imported; the
+Lightning side is `reptile.lightning.datamodule`."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
-from reptile.cli import init_data_worker
 from reptile.config import require, require_int
-from reptile.data.tasks import EvalTasks, InnerSchedule, Task, TrainTasks, collate_tasks
+from reptile.data.tasks import EvalTasks, InnerSchedule, Task, TrainTasks
 
 
-class TaskDataModule(pl.LightningDataModule, ABC):
+class TaskDistribution(ABC):
     """Base of every dataset: a subclass says how to draw one task; this class does the rest.
 
     `meta_batch_size` is global: the number of tasks per meta-iteration, split evenly across DDP
     ranks (it must be divisible by the number of devices). Evaluation tasks are sharded across
-    ranks and their scores gathered by the metrics.
+    ranks and their scores gathered by the metrics. `eval_batch_tasks` and `num_workers` are how
+    the run's DataLoaders batch and draw them.
     """
 
     loss: str  # "mse" or "cross_entropy": what the inner loop minimises
@@ -40,7 +39,6 @@ class TaskDataModule(pl.LightningDataModule, ABC):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
         require_int("meta_batch_size", meta_batch_size, 1)
         require_int("tail_size", tail_size, 0)
         require_int("num_val_tasks", num_val_tasks, 0)
@@ -65,16 +63,18 @@ class TaskDataModule(pl.LightningDataModule, ABC):
     def sample_eval_task(self, split: str, generator: torch.Generator) -> Task:
         """Support samples to adapt on and query samples to score."""
 
+    def prepare(self) -> None:
+        """Loads what sampling needs (files, caches) in the process that will sample; once."""
+        return None  # nothing, for a distribution drawn from formulas
+
     def plot_adaptation(self, predictions: dict[str, torch.Tensor], task: Task, path: Path) -> bool:
         """Draw the predictions of a few adapted models on `task`; False if not supported."""
         return False
 
-    def _placement(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-
-    def train_tasks(self, start_step: int, num_steps: int) -> TrainTasks:
-        rank, world_size = self._placement()
+    def train_tasks(
+        self, start_step: int, num_steps: int, rank: int = 0, world_size: int = 1
+    ) -> TrainTasks:
+        """The meta-batches of steps `start_step` ... +`num_steps`: rank `rank`'s share of each."""
         require(
             self.meta_batch_size % world_size == 0,
             "meta_batch_size",
@@ -94,34 +94,7 @@ class TaskDataModule(pl.LightningDataModule, ABC):
             num_steps=num_steps,
         )
 
-    def eval_tasks(self, split: str) -> EvalTasks:
-        rank, world_size = self._placement()
+    def eval_tasks(self, split: str, rank: int = 0, world_size: int = 1) -> EvalTasks:
+        """The fixed tasks of `split` ("val" or "test"), every `world_size`-th from `rank`."""
         indices = range(rank, self.num_eval_tasks[split], world_size)
         return EvalTasks(self, split, self.eval_schedule, self.seed, indices)
-
-    def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=init_data_worker,  # workers outlive SIGTERM: the run stops them
-            **kwargs,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        # Resuming starts at the restored global step: tasks are addressed by step, so the resumed
-        # run sees exactly the tasks the uninterrupted run would have seen.
-        start = self.trainer.global_step
-        tasks = self.train_tasks(start, max(self.trainer.max_steps - start, 0))
-        return self._loader(tasks, batch_size=None)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        return self._loader(
-            self.eval_tasks(split), batch_size=self.eval_batch_tasks, collate_fn=collate_tasks
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")

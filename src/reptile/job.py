@@ -1,0 +1,187 @@
+"""A job of `train.py`: its config checked into parts before Lightning is imported (a bad value is
+reported within about a second), then run by `reptile.train`; a failure becomes one line and an
+exit code (the codes: `reptile.cli`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from reptile.algorithms.base import Algorithm
+from reptile.checkpoints import read_checkpoint, require_same_model
+from reptile.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    EXIT_ERROR,
+    DivergenceError,
+    JobFailed,
+    process_rank,
+)
+from reptile.config import ConfigValueError, is_int, require, require_int, require_writable
+from reptile.data.distribution import TaskDistribution
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """`instantiate(cfg[key])`, turning a bad value anywhere inside into one `key.field` error."""
+    try:
+        return instantiate(cfg[key], _convert_="object", **kwargs)
+    except InstantiationException as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, ConfigValueError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause.under(key) from None
+    except ConfigValueError as error:
+        raise error.under(key) from None
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path`; `last` names the last checkpoint of this run's directory, so that
+    `hydra.run.dir=<run> ckpt_path=last` continues a run in place (None: no checkpoint yet)."""
+    if cfg.ckpt_path != "last":
+        return cfg.ckpt_path
+    checkpointing = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    require(
+        checkpointing is not None,
+        "ckpt_path",
+        cfg.ckpt_path,
+        "a checkpoint path (`last` needs callbacks.model_checkpoint)",
+    )
+    path = Path(checkpointing.dirpath) / "last.ckpt"
+    if path.exists():
+        return str(path)
+    log.info("ckpt_path=last: no %s yet, starting from scratch", path)
+    return None
+
+
+def check_run_settings(cfg: DictConfig, ckpt_path: str | None) -> None:
+    require_int("seed", cfg.seed, 0)
+    if cfg.get("threads") is not None:
+        require_int("threads", cfg.threads, 1)
+    require_int("trainer.max_steps", cfg.trainer.max_steps, 1 if cfg.train else 0)
+    require(cfg.train or ckpt_path, "ckpt_path", cfg.ckpt_path, "a checkpoint when train=false")
+
+
+def check_folders(cfg: DictConfig) -> None:
+    """Every folder the run will write to takes files: found now, not at the first checkpoint."""
+    require_writable("paths.output_dir", cfg.paths.output_dir, cfg.paths.output_dir)
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            for field in ("dirpath", "save_dir", "path"):  # `path` names a file
+                value = (node or {}).get(field)
+                if value:
+                    folder = Path(value).parent if field == "path" else value
+                    require_writable(f"{group}.{name}.{field}", value, folder)
+
+
+def configured_world_size(trainer: DictConfig) -> int | None:
+    """The number of processes the trainer config asks for; None where it depends on the
+    machine (`devices: -1` or `auto`: every GPU)."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    return devices * nodes if is_int(devices) and devices > 0 and is_int(nodes) else None
+
+
+def check_world_size(tasks: TaskDistribution, world_size: int | None) -> None:
+    """Before the DDP processes start (the datamodule checks it again once they run)."""
+    if world_size is None:
+        return
+    size = tasks.meta_batch_size
+    accepted = f"a multiple of the number of devices ({world_size})"
+    require(size % world_size == 0, "dataset.meta_batch_size", size, accepted)
+
+
+@dataclass
+class Parts:
+    """A run's checked parts that need no Lightning."""
+
+    ckpt_path: str | None
+    checkpoint: dict[str, Any] | None
+    algorithm: Algorithm
+    tasks: TaskDistribution
+    model: torch.nn.Module
+    run_config: dict[str, Any]
+
+
+def check_parts(cfg: DictConfig) -> Parts:
+    """Every value, file and folder of a run, checked before any process, logger or file is
+    created; a multirun checks each job's config with it before the first job starts."""
+    ckpt_path = resume_path(cfg)
+    check_run_settings(cfg, ckpt_path)
+    checkpoint = read_checkpoint("ckpt_path", ckpt_path) if ckpt_path else None
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
+    algorithm = instantiate_group(cfg, "algorithm")
+    # The algorithm says how tasks are walked through; the dataset draws them.
+    tasks = instantiate_group(
+        cfg,
+        "dataset",
+        train_schedule=algorithm.train_schedule,
+        eval_schedule=algorithm.eval_schedule(),
+        tail_size=algorithm.tail_shots,
+    )
+    torch.manual_seed(cfg.seed)  # the initial φ
+    model = instantiate_group(cfg, "model")
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    if checkpoint is not None:
+        require_same_model("ckpt_path", ckpt_path, checkpoint, run_config["model"])
+    check_folders(cfg)
+    check_world_size(tasks, configured_world_size(cfg.trainer))
+    return Parts(ckpt_path, checkpoint, algorithm, tasks, model, run_config)
+
+
+def exit_code(error: BaseException) -> int:
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, int) else EXIT_ERROR
+    if isinstance(error, ConfigValueError):
+        return EXIT_BAD_INPUT
+    if isinstance(error, DivergenceError):
+        return EXIT_DIVERGED
+    return EXIT_ERROR
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def failure_message(error: BaseException) -> str:
+    if isinstance(error, (ConfigValueError, DivergenceError)):
+        return f"error: {error}"
+    return f"error: {type(error).__name__}: {error}"
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """`run`, a failure turned into one line and an exit code. A single run exits with the code;
+    a multirun job raises JobFailed, and the sweeper runs the other jobs and lists the failures
+    at the end. Unexpected errors keep their traceback. (A signal, `Interrupted`, stops a sweep
+    as it stops a run: train.py reports it.)"""
+    try:
+        parts = check_parts(cfg)
+        from reptile.train import run  # Lightning: once the values are known to be good
+
+        return run(cfg, parts)
+    except Exception as error:
+        code = exit_code(error)
+        if code == EXIT_ERROR and not is_multirun():
+            raise  # Hydra prints the traceback
+        if code == EXIT_ERROR:
+            traceback.print_exc()
+        message = failure_message(error)
+        if process_rank() == 0:  # DDP ranks fail alike: print once
+            print(message, file=sys.stderr)
+        if not is_multirun():
+            sys.exit(code)
+        raise JobFailed(code, message.removeprefix("error: ")) from None
