@@ -117,8 +117,9 @@ class Parts:
 
 
 def check_parts(cfg: DictConfig) -> Parts:
-    """Every value, file and folder of a run, checked before any process, logger or file is
-    created; a multirun checks each job's config with it before the first job starts."""
+    """The run's settings, algorithm, dataset and model, its checkpoint and its folders, checked
+    before any process, logger or file is created (the callbacks' values, Lightning objects, are
+    checked next, by `reptile.train.check`, which a multirun runs on every job first)."""
     ckpt_path = resume_path(cfg)
     check_run_settings(cfg, ckpt_path)
     checkpoint = read_checkpoint("ckpt_path", ckpt_path) if ckpt_path else None
