@@ -64,7 +64,8 @@ class TaskDistribution(ABC):
         """Support samples to adapt on and query samples to score."""
 
     def prepare(self) -> None:
-        """Loads what sampling needs (files, caches) in the process that will sample; once."""
+        """Loads what sampling needs (files, caches) in the process that will sample; called
+        before every loader is made, so a second call must do nothing."""
         return None  # nothing, for a distribution drawn from formulas
 
     def plot_adaptation(self, predictions: dict[str, torch.Tensor], task: Task, path: Path) -> bool:
@@ -75,6 +76,7 @@ class TaskDistribution(ABC):
         self, start_step: int, num_steps: int, rank: int = 0, world_size: int = 1
     ) -> TrainTasks:
         """The meta-batches of steps `start_step` ... +`num_steps`: rank `rank`'s share of each."""
+        self.prepare()  # here at the latest: DataLoader workers then inherit what it loaded
         require(
             self.meta_batch_size % world_size == 0,
             "meta_batch_size",
@@ -96,5 +98,6 @@ class TaskDistribution(ABC):
 
     def eval_tasks(self, split: str, rank: int = 0, world_size: int = 1) -> EvalTasks:
         """The fixed tasks of `split` ("val" or "test"), every `world_size`-th from `rank`."""
+        self.prepare()
         indices = range(rank, self.num_eval_tasks[split], world_size)
         return EvalTasks(self, split, self.eval_schedule, self.seed, indices)

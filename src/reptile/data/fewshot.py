@@ -18,7 +18,7 @@ import torch
 
 from reptile.config import require, require_int
 from reptile.data.distribution import TaskDistribution
-from reptile.data.tasks import SPLITS, EvalTasks, Task, TrainTasks
+from reptile.data.tasks import SPLITS, Task
 
 
 @dataclass(frozen=True)
@@ -150,14 +150,6 @@ class FewShotClassification(TaskDistribution):
 
     def prepare(self) -> None:
         self.load()
-
-    def train_tasks(self, *args: Any, **kwargs: Any) -> TrainTasks:
-        self.load()  # here at the latest: DataLoader workers then inherit the loaded images
-        return super().train_tasks(*args, **kwargs)
-
-    def eval_tasks(self, *args: Any, **kwargs: Any) -> EvalTasks:
-        self.load()
-        return super().eval_tasks(*args, **kwargs)
 
     def sample_train_task(self, generator: torch.Generator, tail_size: int) -> Task:
         split = self.splits["train"]
