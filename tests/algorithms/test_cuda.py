@@ -1,6 +1,7 @@
 """On a GPU (skipped without one): the project's step there equals the CPU's, the compiled inner
-loop replayed as a CUDA graph equals the eager one with state carried over meta-iterations, and
-evaluation sizes its chunks from the device's free memory."""
+loop replayed as a CUDA graph equals the eager one with state carried over meta-iterations, a
+training step queues device work without a host sync, and evaluation sizes its chunks from the
+device's free memory."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from helpers import assert_trees_close, meta_gradients, sine_tasks
 
 from reptile.algorithms import ANIL, FOMAML, MetaSGD, Reptile
 from reptile.algorithms.params import broadcast, task_mean
+from reptile.lightning.module import MetaLearner
 from reptile.models.conv4 import Conv4
 from reptile.models.mlp import MLP
 
@@ -68,6 +70,27 @@ def test_cuda_graph_inner_loop_equals_eager_with_carried_state(optimizer: str) -
             adapted[which] = {n: p.clone() for n, p in params.items()}  # graph outputs are reused
             states[which] = task_mean(state)
         assert_trees_close(adapted["graph"], adapted["eager"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_training_step_needs_no_host_sync(optimizer: str) -> None:
+    """The meta-step and the divergence record only queue device work: under CUDA's sync debug
+    mode "error", a host sync (`.item()`, a tensor's truth value, a copy to the CPU) raises."""
+    torch.manual_seed(0)
+    algorithm = Reptile(inner_steps=3, inner_batch_size=5, inner_optimizer=optimizer)
+    learner = MetaLearner(Conv4(1, 5, hidden=8), algorithm, loss="cross_entropy").to(CUDA)
+    task = on(CUDA, image_tasks(2, 3, torch.float32))
+    state = None
+    for meta_iteration in range(3):  # from the second on, the inner state is carried
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step = algorithm.meta_step(learner.inner, learner.meta_parameters(), state, task)
+            losses = step.losses[0].mean(), step.losses[-1].mean()
+            learner.record_divergence(meta_iteration, *losses, step.gradient)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        state = step.state
+    learner.raise_if_diverged()  # all finite: reading the record raises nothing
 
 
 def test_evaluation_chunks_fill_a_quarter_of_free_memory() -> None:

@@ -212,3 +212,35 @@ def test_meta_sgd_learns_its_rates_checkpoints_them_and_resumes_exactly(tmp_path
     for name, p in reference.named_parameters():
         rate = whole.state_dict()[f"learned.inner_lr.{name.replace('.', '/')}"]
         torch.testing.assert_close(adapted.params[name][0], (p - rate * p.grad).detach())
+
+
+@pytest.mark.parametrize(
+    ("check_every", "checkpoint_every", "stopped_at"),
+    [
+        (None, 10, 0),  # CPU default: read at every meta-iteration, stops at the bad one
+        (4, 10, 3),  # read every 4, as on an accelerator: stops in the 4th meta-iteration
+        (4, 2, 2),  # … or earlier, when a checkpoint would be written first
+    ],
+)
+def test_divergence_read_late_names_the_first_bad_meta_iteration(
+    tmp_path, check_every: int | None, checkpoint_every: int, stopped_at: int
+) -> None:
+    """An inner lr of 1e30 overflows in meta-iteration 0; however late the device-side record is
+    read, the error names meta-iteration 0 with its losses, and no checkpoint holds the
+    non-finite φ."""
+    from reptile.cli import DivergenceError
+
+    algorithm = Reptile(inner_lr=1e30, inner_steps=3, inner_batch_size=5)
+    learner = MetaLearner(
+        MLP(hidden=(8,)), algorithm, loss="mse", divergence_check_every=check_every
+    )
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=checkpoint_every, save_top_k=-1
+    )
+    trainer = quiet_trainer(max_steps=8, callbacks=[checkpoints])
+    tasks = SineWaves(meta_batch_size=2, train_schedule=InnerSchedule(3, 5), num_val_tasks=0)
+    with pytest.raises(DivergenceError) as error:
+        trainer.fit(learner, datamodule=TaskDataModule(tasks))
+    assert str(error.value) == "training diverged at meta-iteration 0: train/loss_adapted=nan"
+    assert trainer.global_step == stopped_at
+    assert not list(tmp_path.glob("*.ckpt"))

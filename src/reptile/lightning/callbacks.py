@@ -103,10 +103,17 @@ class MetaIterationBar(TQDMProgressBar):
     """Lightning's progress bar, counting meta-iterations: training is one epoch of `max_steps`,
     and the default's "Epoch 0/-2" (of an unlimited number) says nothing. The logger's version
     number (`v_num`) is left out too. Written to a file or a scheduler's log instead of a
-    terminal, it refreshes every `log_refresh_rate` meta-iterations, not at every one."""
+    terminal, it refreshes every `log_refresh_rate` meta-iterations, not at every one; on an
+    accelerator at most every `trainer.log_every_n_steps` (reading the bar's metrics is a host
+    sync, which stalls the device's queue of kernels)."""
 
     def __init__(self, log_refresh_rate: int = 100) -> None:
         super().__init__(refresh_rate=1 if sys.stderr.isatty() else log_refresh_rate)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if pl_module.device.type != "cpu":
+            self._refresh_rate = max(self._refresh_rate, trainer.log_every_n_steps)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)

@@ -36,10 +36,14 @@ class TaskDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
         workers = self.tasks.num_workers
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             dataset,
             num_workers=workers,
             persistent_workers=workers > 0,
+            # Lightning copies batches to a GPU with non_blocking=True, which only overlaps the
+            # step's kernels when the batch is in pinned memory.
+            pin_memory=on_cuda,
             worker_init_fn=init_data_worker,  # workers outlive SIGTERM: the run stops them
             **kwargs,
         )

@@ -7,6 +7,7 @@ optimizer, averages across DDP ranks, checks for divergence, logs, and checkpoin
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -33,6 +34,12 @@ class MetaLearner(pl.LightningModule):
 
     With several DDP ranks each rank adapts its share of the meta-batch and the meta-gradients
     are averaged explicitly with an all-reduce (setting `p.grad` by hand bypasses DDP's hooks).
+
+    Divergence is recorded on the device, so that a step needs no host sync, and read every
+    `divergence_check_every` meta-iterations (default: every one on the CPU, where reading is
+    free; every `trainer.log_every_n_steps` on an accelerator), before every checkpoint and
+    validation, and at the end of training; the error names the first meta-iteration that went
+    bad, however late it is read.
     """
 
     def __init__(
@@ -42,6 +49,7 @@ class MetaLearner(pl.LightningModule):
         loss: str,
         score_before: str | None = None,
         score_after: str = "score",
+        divergence_check_every: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "algorithm"])
@@ -66,6 +74,9 @@ class MetaLearner(pl.LightningModule):
             }
         )
         self.inner_state: State | None = None  # carried across meta-iterations
+        self.divergence_check_every = divergence_check_every
+        # [meta-iteration, train/loss, train/loss_adapted] of the first non-finite step; -1: none.
+        self.first_divergence: torch.Tensor | None = None
         self.score_plan = self.plan_scores(score_before, score_after)
         self.scores = nn.ModuleDict({name: MeanWithConfidence() for name in self.score_plan})
 
@@ -97,6 +108,7 @@ class MetaLearner(pl.LightningModule):
     # --- training -------------------------------------------------------------------------
 
     def training_step(self, task: Task, batch_idx: int) -> None:
+        meta_iteration = self.global_step  # the optimizer step below advances it
         step = self.algorithm.meta_step(self.inner, self.meta_parameters(), self.inner_state, task)
         gradient, state, losses = self.mean_over_ranks(
             (
@@ -107,8 +119,9 @@ class MetaLearner(pl.LightningModule):
         )
         if state is not None:
             self.inner_state = state
-        flat_gradient, _ = tree_flatten(gradient)
-        self.check_finite(losses["first"], losses["last"], *flat_gradient)
+        self.record_divergence(meta_iteration, losses["first"], losses["last"], gradient)
+        if (meta_iteration + 1) % self.check_interval() == 0:
+            self.raise_if_diverged()
 
         optimizer = self.optimizers()
         self.descend(gradient, optimizer)
@@ -149,19 +162,46 @@ class MetaLearner(pl.LightningModule):
             leaves[i] = chunk.view(leaves[i].shape).to(leaves[i].dtype)
         return tree_unflatten(leaves, spec)
 
-    def check_finite(
-        self, loss_first: torch.Tensor, loss_last: torch.Tensor, *tensors: torch.Tensor
+    def check_interval(self) -> int:
+        if self.divergence_check_every is not None:
+            return self.divergence_check_every
+        return 1 if self.device.type == "cpu" else self.trainer.log_every_n_steps
+
+    def record_divergence(
+        self, meta_iteration: int, loss_first: torch.Tensor, loss_last: torch.Tensor, gradient: Any
     ) -> None:
-        every = (loss_first, loss_last, *tensors)
-        if torch.stack([torch.isfinite(t).all() for t in every]).all():  # one device sync
+        """Keeps, on the device, the first meta-iteration whose losses or meta-gradient are not
+        finite, with its losses: device operations only, no host sync."""
+        every = (loss_first, loss_last, *tree_flatten(gradient)[0])
+        finite = torch.stack([torch.isfinite(t).all() for t in every]).all()
+        losses = torch.stack([loss_first, loss_last]).detach().double()
+        if self.first_divergence is None:
+            self.first_divergence = torch.full((3,), -1.0, dtype=torch.float64, device=self.device)
+        record = torch.cat([losses.new_full((1,), meta_iteration), losses])
+        first = self.first_divergence
+        self.first_divergence = torch.where(~finite & (first[0] < 0), record, first)
+
+    def raise_if_diverged(self) -> None:
+        if self.first_divergence is None:
+            return
+        meta_iteration, loss_first, loss_last = self.first_divergence.tolist()  # the host sync
+        if meta_iteration < 0:
             return
         values = {"train/loss": loss_first, "train/loss_adapted": loss_last}
-        bad = {name: value.item() for name, value in values.items() if not torch.isfinite(value)}
+        bad = {name: value for name, value in values.items() if not math.isfinite(value)}
         detail = (
             ", ".join(f"{name}={value}" for name, value in bad.items())
             or "meta-gradient not finite"
         )
-        raise DivergenceError(f"training diverged at meta-iteration {self.global_step}: {detail}")
+        raise DivergenceError(
+            f"training diverged at meta-iteration {int(meta_iteration)}: {detail}"
+        )
+
+    def on_validation_start(self) -> None:
+        self.raise_if_diverged()  # do not score a φ that is not finite
+
+    def on_train_end(self) -> None:
+        self.raise_if_diverged()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.algorithm.make_outer_optimizer(list(self.parameters()))
@@ -173,6 +213,7 @@ class MetaLearner(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.raise_if_diverged()  # a checkpoint never holds a φ that is not finite
         checkpoint["inner_state"] = self.inner_state
         checkpoint["run_config"] = self.run_config
 
