@@ -28,6 +28,13 @@ def parameter_key(name: str) -> str:
     return name.replace(".", "/")
 
 
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every element of `tensors` is finite, as one boolean tensor, in a few kernels for
+    any number of tensors: x·0 is 0 for a finite x and NaN for ±inf and NaN."""
+    zeros = torch._foreach_mul(tensors, 0.0)
+    return torch.stack(torch._foreach_norm(zeros)).isfinite().all()
+
+
 class MetaLearner(pl.LightningModule):
     """φ lives in `model`'s parameters, the algorithm's own meta-parameters (e.g. Meta-SGD's
     learning rates) in `learned`; the algorithm turns tasks into a meta-gradient for all of them.
@@ -75,8 +82,8 @@ class MetaLearner(pl.LightningModule):
         )
         self.inner_state: State | None = None  # carried across meta-iterations
         self.divergence_check_every = divergence_check_every
-        # [meta-iteration, train/loss, train/loss_adapted] of the first non-finite step; -1: none.
-        self.first_divergence: torch.Tensor | None = None
+        # The first non-finite meta-iteration (-1: none) and its train/loss, train/loss_adapted.
+        self.first_divergence: tuple[torch.Tensor, torch.Tensor] | None = None
         self.score_plan = self.plan_scores(score_before, score_after)
         self.scores = nn.ModuleDict({name: MeanWithConfidence() for name in self.score_plan})
 
@@ -172,30 +179,33 @@ class MetaLearner(pl.LightningModule):
     ) -> None:
         """Keeps, on the device, the first meta-iteration whose losses or meta-gradient are not
         finite, with its losses: device operations only, no host sync."""
-        every = (loss_first, loss_last, *tree_flatten(gradient)[0])
-        finite = torch.stack([torch.isfinite(t).all() for t in every]).all()
-        losses = torch.stack([loss_first, loss_last]).detach().double()
+        finite = all_finite([loss_first, loss_last, *tree_flatten(gradient)[0]])
+        losses = torch.stack([loss_first, loss_last]).detach()
         if self.first_divergence is None:
-            self.first_divergence = torch.full((3,), -1.0, dtype=torch.float64, device=self.device)
-        record = torch.cat([losses.new_full((1,), meta_iteration), losses])
-        first = self.first_divergence
-        self.first_divergence = torch.where(~finite & (first[0] < 0), record, first)
+            none = torch.full((), -1, dtype=torch.long, device=self.device)
+            self.first_divergence = (none, torch.zeros_like(losses))
+        first, losses_then = self.first_divergence
+        newly = first.lt(0).logical_and_(finite.logical_not())
+        self.first_divergence = (
+            torch.where(newly, meta_iteration, first),
+            torch.where(newly, losses, losses_then),
+        )
 
     def raise_if_diverged(self) -> None:
         if self.first_divergence is None:
             return
-        meta_iteration, loss_first, loss_last = self.first_divergence.tolist()  # the host sync
+        first, losses = self.first_divergence
+        meta_iteration = int(first)  # the host sync
         if meta_iteration < 0:
             return
+        loss_first, loss_last = losses.tolist()
         values = {"train/loss": loss_first, "train/loss_adapted": loss_last}
         bad = {name: value for name, value in values.items() if not math.isfinite(value)}
         detail = (
             ", ".join(f"{name}={value}" for name, value in bad.items())
             or "meta-gradient not finite"
         )
-        raise DivergenceError(
-            f"training diverged at meta-iteration {int(meta_iteration)}: {detail}"
-        )
+        raise DivergenceError(f"training diverged at meta-iteration {meta_iteration}: {detail}")
 
     def on_validation_start(self) -> None:
         self.raise_if_diverged()  # do not score a φ that is not finite
