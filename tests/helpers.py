@@ -7,6 +7,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +16,11 @@ from reptile.data.sine import SineWaves
 from reptile.data.tasks import InnerSchedule, collate_tasks, inner_batch_index, task_generator
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The accelerator "gpu" as a parameter beside "cpu", skipped without CUDA.
+GPU = pytest.param(
+    "gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+)
 
 
 def sine_tasks(

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from helpers import quiet_trainer
+from helpers import GPU, quiet_trainer
 
 from reptile.algorithms import Reptile
 from reptile.data.sine import SineWaves
@@ -12,11 +11,6 @@ from reptile.lightning.callbacks import MetaIterationBar
 from reptile.lightning.datamodule import TaskDataModule
 from reptile.lightning.module import MetaLearner
 from reptile.models.mlp import MLP
-
-GPU = pytest.param(
-    "gpu",
-    marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-)
 
 
 @pytest.mark.parametrize("accelerator", ["cpu", GPU])

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 import pytorch_lightning as pl
-import torch
+from helpers import GPU
 
 from reptile.data.sine import SineWaves
 from reptile.lightning.datamodule import TaskDataModule
 
-CUDA = pytest.param(
-    "gpu",
-    marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-)
 
-
-@pytest.mark.parametrize("accelerator", ["cpu", CUDA])
+@pytest.mark.parametrize("accelerator", ["cpu", GPU])
 def test_loaders_pin_memory_exactly_when_the_trainer_is_on_a_gpu(accelerator: str) -> None:
     trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=3, logger=False)
     datamodule = TaskDataModule(SineWaves(meta_batch_size=2, num_val_tasks=2))
