@@ -640,8 +640,8 @@ END_TO_END = {
 
 def paths_for(device: torch.device) -> dict[str, list[str]]:
     """The paths compared, today's first, as train.py overrides: float32; bf16-mixed where the
-    hardware has bfloat16 units; on a GPU, also the compiled inner loop replayed as a CUDA
-    graph. Each runs on `device`."""
+    hardware has bfloat16 units; on a GPU, also the compiled meta-step replayed as a CUDA graph.
+    Each runs on `device`."""
     where = ["trainer.accelerator=gpu" if device.type == "cuda" else "trainer.accelerator=cpu"]
     paths = {"fp32 (today)": ["trainer.precision=32-true"]}
     if has_bf16_units(device.type):

@@ -3,9 +3,9 @@
 # GPU machine, each part under its own time limit, each part's output in $OUT/<part>.txt:
 #   environment  GPU, driver, torch, the CPU
 #   tests        the CUDA tests (tests/algorithms/test_cuda.py: the GPU's meta-gradients equal the
-#                CPU's, the CUDA-graph inner loop equals eager, a training step without a host
-#                sync, evaluation's memory budget; tests/lightning: pinned meta-batches, the bar's
-#                refresh on a GPU)
+#                CPU's, a training step without a host sync, evaluation's memory budget;
+#                test_compiled.py: training with the meta-step replayed as a CUDA graph reaches
+#                the eager φ; tests/lightning: pinned meta-batches, the bar's refresh on a GPU)
 #   steps        the benchmark's step rows on the GPU (Omniglot 5-/20-way, Mini-ImageNet; ours,
 #                the per-task loop, bf16-mixed), random data of the datasets' shapes
 #   end_to_end   train.py experiment=omniglot_5w1s end to end (data loading, logging,
@@ -48,10 +48,11 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND for at most SECONDS, into
 part environment 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total \
     --format=csv,noheader; nproc; python3 -c "import torch, pytorch_lightning as pl;
 print(\"torch\", torch.__version__, \"lightning\", pl.__version__, torch.cuda.get_device_name())"'
-part tests 60 python3 -m pytest -q -p no:cacheprovider tests/algorithms/test_cuda.py \
-    tests/lightning/test_datamodule.py tests/lightning/test_callbacks.py
+part tests 110 python3 -m pytest -q -p no:cacheprovider tests/algorithms/test_cuda.py \
+    "tests/algorithms/test_compiled.py::test_compiled_training_reaches_the_eager_phi" -k "gpu or \
+    not compiled" tests/lightning/test_datamodule.py tests/lightning/test_callbacks.py
 part steps 60 python3 benchmarks/benchmark.py --device "$DEVICE" --rounds 10 --only=-way
-part end_to_end 170 python3 benchmarks/benchmark.py --device "$DEVICE" --end-to-end --rounds 1 \
+part end_to_end 160 python3 benchmarks/benchmark.py --device "$DEVICE" --end-to-end --rounds 1 \
     --only "Omniglot 5-way" --steps "$STEPS" --data-dir "$DATA"
 part concurrency 60 python3 benchmarks/benchmark.py --device "$DEVICE" --end-to-end \
     --concurrency 1,2,4 --only "Omniglot 5-way" --steps "$STEPS" --data-dir "$DATA"

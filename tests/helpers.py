@@ -202,8 +202,7 @@ def meta_gradients(algorithm: Any, model: nn.Module, task: dict, loss: str = "ms
     values)."""
     inner = algorithm.inner_loop(model, loss)
     meta = {"phi": weights(model), **algorithm.init_meta_parameters(model, inner.adapted)}
-    state = algorithm.start_state(inner, meta, None, len(task["support_targets"]))
-    return algorithm.meta_gradient(inner, meta, state, task).gradient
+    return algorithm.meta_step(inner, meta, None, task).gradient
 
 
 def quiet_trainer(**options: Any) -> Any:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -151,6 +153,29 @@ def test_carried_inner_state_follows_a_per_task_loop(inner_state: str) -> None:
             take_steps(clone, optimizer, task, i, steps)
             for name, value in clone.named_parameters():
                 torch.testing.assert_close(adapted[name][i], value.detach(), **tolerance)
+
+
+def logged_losses(tmp_path, meta_batches: list[dict], log_every: int) -> list[list[float]]:
+    """train/loss and train/loss_adapted as a CSV logger wrote them, logging every `log_every`."""
+    torch.manual_seed(0)
+    learner = MetaLearner(MLP(), Reptile(inner_lr=0.01, inner_steps=3, inner_batch_size=5), "mse")
+    logger = pl.loggers.CSVLogger(tmp_path, name=f"every_{log_every}")
+    trainer = quiet_trainer(max_steps=len(meta_batches), logger=logger, log_every_n_steps=log_every)
+    trainer.fit(learner, train_dataloaders=DataLoader(meta_batches, batch_size=None))
+    with open(Path(logger.log_dir) / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("train/loss")]
+    return [[float(row["train/loss"]), float(row["train/loss_adapted"])] for row in rows]
+
+
+def test_logged_losses_are_the_mean_over_the_log_interval(tmp_path) -> None:
+    """Logged every 4 meta-iterations, each value is the mean of the 4 that one logged at every
+    meta-iteration: none is left out, none is a single step's."""
+    meta_batches = sine_meta_batches(8, tasks=2, steps=3)
+    every_step = torch.tensor(logged_losses(tmp_path, meta_batches, 1))
+    every_4 = torch.tensor(logged_losses(tmp_path, meta_batches, 4))
+    assert every_step.shape == (8, 2) and every_4.shape == (2, 2)
+    torch.testing.assert_close(every_4, every_step.view(2, 4, 2).mean(1))
+    assert not torch.allclose(every_4, every_step[3::4])  # not the interval's last value
 
 
 def fit(learner: MetaLearner, root, max_steps: int, ckpt_path=None) -> None:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_map, tree_map_only
 
 from reptile.algorithms.inner_loop import BACKENDS, InnerLoop
 from reptile.algorithms.optimizers import INNER_OPTIMIZERS
@@ -73,8 +73,8 @@ class Algorithm(ABC):
     tail_shots: int = 0  # held-out samples per class for a separate final mini-batch
     # How the inner loop computes per-task gradients (InnerLoop): auto, folded or vmap.
     backend: str = "auto"
-    # torch.compile the k-step inner loop of training (InnerLoop): faster on small models, after
-    # a cold compile of a minute or more on the first meta-iteration.
+    # torch.compile training's meta-step (the k-step inner loop of all tasks and the meta-gradient)
+    # as one graph: faster on small models, after a cold compile of a minute or more.
     compile: bool = False
     # Evaluation adapts as many of a batch's tasks at once as fit in this many MiB of
     # activations (estimated from the model's layer sizes); the rest wait for the next chunk.
@@ -168,9 +168,23 @@ class Algorithm(ABC):
     ) -> MetaStep:
         """The meta-gradient of this process's tasks: all at once, or, with
         `inner_state=sequential`, one task after another, each starting from the inner state
-        the previous one ended with (the reference's order; not vectorised across tasks)."""
+        the previous one ended with (the reference's order; not vectorised across tasks).
+        With `compile`, all of it is one graph."""
+        if carried is None or self.inner_state == "reset":
+            # A fresh state as a tensor tree too: the compiled step then sees one kind of input
+            # (one graph, and one more once Adam's step count varies).
+            carried = inner.init_state(meta["phi"])
+        step = inner.compiled(self.meta_step_eagerly)(inner, meta, carried, task)
+        if not inner.compile or step.state is None:
+            return step
+        # A CUDA graph's outputs live in its memory pool, which its next replay overwrites, and
+        # the carried state is that replay's input: it is copied out.
+        return step._replace(state=tree_map_only(torch.Tensor, torch.clone, step.state))
+
+    def meta_step_eagerly(
+        self, inner: InnerLoop, meta: MetaParams, carried: State, task: Task
+    ) -> MetaStep:
         tasks = len(task["support_targets"])
-        carried = None if self.inner_state == "reset" else carried
         if self.inner_state != "sequential":
             start = self.start_state(inner, meta, carried, tasks)
             step = self.meta_gradient(inner, meta, start, task)

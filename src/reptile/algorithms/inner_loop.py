@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from reptile.config import require, require_choice
 from reptile.data.tasks import Task
 
 BACKENDS = ("auto", "folded", "vmap")
+T = TypeVar("T")
 
 
 def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -71,12 +73,8 @@ class InnerLoop:
     float rounding; folding is faster on CPU (benchmarks/). Inside a `torch.func` transform (MAML
     differentiating through the inner loop) it is always vmap, which composes with them.
 
-    `compile`: run `adapt` through `torch.compile`, all k steps as one graph (on a GPU replayed as
-    a CUDA graph; opt-in: the first meta-iteration compiles for a minute or more without a warm
-    inductor cache). Worth it where
-    the per-op dispatch dominates (small models such as the sine MLP; benchmarks/). Evaluation
-    (`step`) stays uncompiled; second-order algorithms, which differentiate through their own
-    loop, refuse it.
+    `compile`: `compiled(fn)` runs `fn` through `torch.compile` (the algorithm's meta-step: all
+    k steps of all tasks and the meta-gradient as one graph, on a GPU replayed as a CUDA graph).
     """
 
     def __init__(
@@ -112,7 +110,7 @@ class InnerLoop:
         # are marked static (one graph per shape) and only that integer becomes symbolic after
         # its first change: at most two graphs per shape and k.
         self.compile = compile
-        self.compiled_adapt: Callable | None = None  # built on first use, for its device
+        self.compiled_functions: dict[Callable, Callable] = {}  # built on first use
 
     def forward(self, params: Params, inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, params, (inputs,))
@@ -179,25 +177,31 @@ class InnerLoop:
         self, params: Params, state: State, task: Task, steps: int
     ) -> tuple[Params, State, torch.Tensor]:
         """`steps` optimizer steps: the adapted parameters, the state, losses [steps, tasks]."""
-        if not self.compile:
-            return self.adapt_eagerly(params, state, task, steps)
-        if self.compiled_adapt is None:
-            # On a GPU the graph is also captured as a CUDA graph and replayed: at these sizes a
-            # meta-iteration is bound by launching kernels, not by running them.
-            cuda = next(iter(params.values())).device.type == "cuda"
-            mode = "reduce-overhead" if cuda else None
-            self.compiled_adapt = torch.compile(self.adapt_eagerly, mode=mode)
-        tree_map_only(torch.Tensor, torch._dynamo.mark_static, (params, state, task))
-        return self.compiled_adapt(params, state, task, steps)
-
-    def adapt_eagerly(
-        self, params: Params, state: State, task: Task, steps: int
-    ) -> tuple[Params, State, torch.Tensor]:
         losses = []
         for step in range(steps):
             params, state, step_losses = self.step(params, state, task, step)
             losses.append(step_losses)
         return params, state, torch.stack(losses)
+
+    def compiled(self, function: Callable[..., T]) -> Callable[..., T]:
+        """`function` itself, or with `compile` its compiled form: the tensors of its arguments
+        are marked static, and on a GPU the graph is captured as a CUDA graph and replayed (at
+        these sizes a meta-iteration is bound by launching kernels, not by running them)."""
+        if not self.compile:
+            return function
+        key = getattr(function, "__func__", function)
+        if key not in self.compiled_functions:
+            cuda = next(self.model.parameters()).device.type == "cuda"
+            self.compiled_functions[key] = torch.compile(
+                key, mode="reduce-overhead" if cuda else None
+            )
+        compiled, owner = self.compiled_functions[key], getattr(function, "__self__", None)
+
+        def run(*args: Any) -> T:
+            tree_map_only(torch.Tensor, torch._dynamo.mark_static, args)
+            return compiled(*args) if owner is None else compiled(owner, *args)
+
+        return run
 
     def predict(
         self, params: Params, support: torch.Tensor, query: torch.Tensor, transductive: bool

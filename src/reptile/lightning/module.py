@@ -84,6 +84,9 @@ class MetaLearner(pl.LightningModule):
         self.divergence_check_every = divergence_check_every
         # The first non-finite meta-iteration (-1: none) and its train/loss, train/loss_adapted.
         self.first_divergence: tuple[torch.Tensor, torch.Tensor] | None = None
+        # train/loss, train/loss_adapted summed since the last logged step, and their count.
+        self.loss_sums: torch.Tensor | None = None
+        self.loss_count = 0
         self.score_plan = self.plan_scores(score_before, score_after)
         self.scores = nn.ModuleDict({name: MeanWithConfidence() for name in self.score_plan})
 
@@ -134,11 +137,24 @@ class MetaLearner(pl.LightningModule):
         self.descend(gradient, optimizer)
         self.lr_schedulers().step()
 
+        self.log_losses(losses["first"], losses["last"], optimizer.param_groups[0]["lr"])
+
+    def log_losses(self, loss_first: torch.Tensor, loss_last: torch.Tensor, meta_lr: float) -> None:
+        """Sums the step's losses on the device; at the steps Lightning writes its logs (every
+        `trainer.log_every_n_steps`), logs their mean over the meta-iterations since the last
+        write: every meta-iteration counts, with no host sync in between."""
+        losses = torch.stack([loss_first, loss_last]).detach()
+        self.loss_sums = losses if self.loss_sums is None else self.loss_sums + losses
+        self.loss_count += 1
+        if not self.trainer._logger_connector.should_update_logs:
+            return
+        mean = self.loss_sums / self.loss_count
+        self.loss_sums, self.loss_count = None, 0
         self.log_dict(
             {
-                "train/loss": losses["first"],  # at φ, on each task's first mini-batch
-                "train/loss_adapted": losses["last"],  # on the last inner mini-batch
-                "train/meta_lr": optimizer.param_groups[0]["lr"],
+                "train/loss": mean[0],  # at φ, on each task's first mini-batch
+                "train/loss_adapted": mean[1],  # on the last inner mini-batch
+                "train/meta_lr": meta_lr,
             },
             prog_bar=True,
         )
