@@ -59,8 +59,8 @@ def test_a_training_step_needs_no_host_sync(optimizer: str) -> None:
         torch.cuda.set_sync_debug_mode("error")
         try:
             step = algorithm.meta_step(learner.inner, learner.meta_parameters(), state, task)
-            losses = step.losses[0].mean(), step.losses[-1].mean()
-            learner.record_divergence(meta_iteration, *losses, step.gradient)
+            losses = torch.stack([step.losses[0].mean(), step.losses[-1].mean()])
+            learner.record_divergence(meta_iteration, losses, step.gradient)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         state = step.state

@@ -124,12 +124,13 @@ class MetaLearner(pl.LightningModule):
             (
                 step.gradient,
                 step.state,
-                {"first": step.losses[0].mean(), "last": step.losses[-1].mean()},
+                # train/loss at φ (each task's first mini-batch), train/loss_adapted (its last)
+                torch.stack([step.losses[0].mean(), step.losses[-1].mean()]).detach(),
             )
         )
         if state is not None:
             self.inner_state = state
-        self.record_divergence(meta_iteration, losses["first"], losses["last"], gradient)
+        self.record_divergence(meta_iteration, losses, gradient)
         if (meta_iteration + 1) % self.check_interval() == 0:
             self.raise_if_diverged()
 
@@ -137,13 +138,12 @@ class MetaLearner(pl.LightningModule):
         self.descend(gradient, optimizer)
         self.lr_schedulers().step()
 
-        self.log_losses(losses["first"], losses["last"], optimizer.param_groups[0]["lr"])
+        self.log_losses(losses, optimizer.param_groups[0]["lr"])
 
-    def log_losses(self, loss_first: torch.Tensor, loss_last: torch.Tensor, meta_lr: float) -> None:
+    def log_losses(self, losses: torch.Tensor, meta_lr: float) -> None:
         """Sums the step's losses on the device; at the steps Lightning writes its logs (every
         `trainer.log_every_n_steps`), logs their mean over the meta-iterations since the last
         write: every meta-iteration counts, with no host sync in between."""
-        losses = torch.stack([loss_first, loss_last]).detach()
         self.loss_sums = losses if self.loss_sums is None else self.loss_sums + losses
         self.loss_count += 1
         if not self.trainer._logger_connector.should_update_logs:
@@ -152,8 +152,8 @@ class MetaLearner(pl.LightningModule):
         self.loss_sums, self.loss_count = None, 0
         self.log_dict(
             {
-                "train/loss": mean[0],  # at φ, on each task's first mini-batch
-                "train/loss_adapted": mean[1],  # on the last inner mini-batch
+                "train/loss": mean[0],
+                "train/loss_adapted": mean[1],
                 "train/meta_lr": meta_lr,
             },
             prog_bar=True,
@@ -190,13 +190,10 @@ class MetaLearner(pl.LightningModule):
             return self.divergence_check_every
         return 1 if self.device.type == "cpu" else self.trainer.log_every_n_steps
 
-    def record_divergence(
-        self, meta_iteration: int, loss_first: torch.Tensor, loss_last: torch.Tensor, gradient: Any
-    ) -> None:
+    def record_divergence(self, meta_iteration: int, losses: torch.Tensor, gradient: Any) -> None:
         """Keeps, on the device, the first meta-iteration whose losses or meta-gradient are not
         finite, with its losses: device operations only, no host sync."""
-        finite = all_finite([loss_first, loss_last, *tree_flatten(gradient)[0]])
-        losses = torch.stack([loss_first, loss_last]).detach()
+        finite = all_finite([losses, *tree_flatten(gradient)[0]])
         if self.first_divergence is None:
             none = torch.full((), -1, dtype=torch.long, device=self.device)
             self.first_divergence = (none, torch.zeros_like(losses))
