@@ -49,7 +49,7 @@ def no_decoding(monkeypatch):
     def decode(*args, **kwargs):
         raise AssertionError("decoded images although a valid cache was there")
 
-    monkeypatch.setattr(image_cache, "decoded_chunks", decode)
+    monkeypatch.setattr(image_cache, "decode_into", decode)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -23,8 +23,9 @@ from PIL import Image
 
 from reptile.cli import STOP_SIGNALS, stop_request
 from reptile.config import ConfigValueError
+from reptile.data import images as image_cache
 from reptile.data.imagefolder import ImageFolder
-from reptile.data.images import decode_pool
+from reptile.data.images import ImageFile, decode_pool, shared_array
 from reptile.data.miniimagenet import MiniImageNet
 from reptile.data.omniglot import Omniglot
 
@@ -70,11 +71,23 @@ def entry(cache: Path) -> tuple[Path, Path]:
 
 def png_pixels(root: Path) -> torch.Tensor:
     """Every image as uint8 [N, 3, 20, 20], classes and files sorted: what the cache must hold."""
+    return png_pixels_of([ImageFile(str(png)) for png in sorted(root.glob("*/*.png"))])
+
+
+def png_pixels_of(files: list[ImageFile]) -> torch.Tensor:
     arrays = []
-    for png in sorted(root.glob("*/*.png")):
-        with Image.open(png) as image:
+    for png in files:
+        with Image.open(png.path) as image:
             arrays.append(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
     return torch.from_numpy(np.stack(arrays))
+
+
+@pytest.fixture(params=[1, 2], ids=["in-process", "pool"])
+def workers(request, monkeypatch) -> int:
+    """Decoding in this process, or in a pool of 2 forked workers (used from PARALLEL_FROM images
+    on: here forced for a few)."""
+    monkeypatch.setattr(image_cache, "decode_workers", lambda count: request.param)
+    return request.param
 
 
 def mapped_files() -> str:
@@ -85,7 +98,7 @@ linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/sel
 
 
 @linux_only
-def test_images_are_mapped_from_the_cache_and_reused(root, tmp_path, request):
+def test_images_are_mapped_from_the_cache_and_reused(root, tmp_path, request, workers):
     first = load(root, tmp_path / "cache")
     data, meta = entry(tmp_path / "cache")
     assert torch.equal(first.splits["train"].images, png_pixels(root))
@@ -172,7 +185,7 @@ def test_changed_image_makes_the_cache_stale(root, tmp_path, caplog):
     assert torch.equal(data.splits["train"].images[3 * IMAGES_PER_CLASS + 1], red)
 
 
-def test_unwritable_cache_only_warns(root, tmp_path, caplog):
+def test_unwritable_cache_only_warns(root, tmp_path, caplog, workers):
     (tmp_path / "cache").write_text("a file where the cache folder should be")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         data = load(root, tmp_path / "cache")
@@ -182,7 +195,7 @@ def test_unwritable_cache_only_warns(root, tmp_path, caplog):
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
 
 
-def test_undecodable_image_fails_with_one_line_and_leaves_no_cache(root, tmp_path):
+def test_undecodable_image_fails_with_one_line_and_leaves_no_cache(root, tmp_path, workers):
     broken = root / "class2" / "0.png"
     broken.write_bytes(broken.read_bytes()[:60])  # a PNG cut short
     with pytest.raises(ConfigValueError) as error:
@@ -253,10 +266,28 @@ def test_decode_pool_terminates_under_the_runs_signal_handler():
     stop_request.install()
     try:
         start = time.monotonic()
-        with decode_pool(2) as pool:
+        with decode_pool(2, shared_array((1,))) as pool:
             pool.apply_async(time.sleep, (60,))
             time.sleep(0.5)  # the task is running in a worker
         assert time.monotonic() - start < 10
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+def test_pool_workers_write_into_the_shared_array_and_send_back_only_failures(root):
+    """What a worker sends back is None or its first failure, never images: a result of megabytes
+    that nobody reads any more, after an error, blocks its worker inside the lock that
+    `Pool.terminate` needs (CI hung so on the damaged Mini-ImageNet archive)."""
+    files = [ImageFile(str(path)) for path in sorted(root.glob("*/*.png"))]
+    broken = root / "class7" / "1.png"
+    broken.write_bytes(b"not a PNG")
+    images = shared_array((len(files), 3, 20, 20))
+    jobs = image_cache.decode_jobs(files, chunk=IMAGES_PER_CLASS)
+    with decode_pool(2, images) as pool:
+        results = list(pool.imap(image_cache.decode_in_worker, jobs))
+    assert results[:-1] == [None] * (NUM_CLASSES - 1)
+    failed, reason = results[-1]
+    assert failed == ImageFile(str(broken)) and reason.startswith("UnidentifiedImageError: ")
+    intact = slice(0, len(files) - IMAGES_PER_CLASS)
+    assert torch.equal(torch.from_numpy(images[intact]), png_pixels_of(files[intact]))

@@ -180,13 +180,14 @@ def test_extracted_folders_list_the_same_images(tmp_path):
     assert [len(files) for files in from_folder.values()] == [20] * 1623
     character = "images_evaluation/Angelic/character01"
     assert from_folder[character][0].archive is None
-    decoded, failure = image_cache.decode_chunk(
-        (None, [f.path for f in from_folder[character]], 28, 1)
+    decoded, from_zip = np.zeros((2, 20, 1, 28, 28), dtype=np.uint8)
+    failure = image_cache.decode_chunk((None, [f.path for f in from_folder[character]], 0), decoded)
+    zip_failure = image_cache.decode_chunk(
+        (str(OMNIGLOT / "images_evaluation.zip"), [f.path for f in from_zips[character]], 0),
+        from_zip,
     )
-    from_zip, _ = image_cache.decode_chunk(
-        (str(OMNIGLOT / "images_evaluation.zip"), [f.path for f in from_zips[character]], 28, 1)
-    )
-    assert failure is None and np.array_equal(decoded, from_zip)
+    assert failure is None and zip_failure is None and np.array_equal(decoded, from_zip)
+    assert decoded.any()
 
 
 def file_url(path: Path) -> str:

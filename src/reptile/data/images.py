@@ -19,6 +19,8 @@ import hashlib
 import io
 import json
 import logging
+import math
+import mmap
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -28,10 +30,9 @@ import time
 import zipfile
 import zlib
 from abc import abstractmethod
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, closing, contextmanager, suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,7 +49,7 @@ CACHE_FORMAT = 2  # bump when the cache's layout or the decoding changes
 RESAMPLE = Image.Resampling.LANCZOS
 MODES = {1: "L", 3: "RGB"}  # PIL mode per number of channels
 PARALLEL_FROM = 2000  # fewer images decode faster in this process than a pool starts
-READ_SIZE = 16 * 2**20  # bytes per read when checking a cache's CRC-32
+READ_SIZE = 16 * 2**20  # bytes per block when a cache's file is read or written whole
 LISTED = 5  # damaged files named in an error message
 
 
@@ -244,8 +245,7 @@ def build_cache(
     """Decodes `files` into a new cache entry and maps it; in memory if it cannot be written."""
     shape = (len(files), channels, image_size, image_size)
     try:
-        with closing(decoded_chunks(files, image_size, channels)) as chunks:
-            return write_cache(cache, fingerprint, shape, chunks)
+        return write_cache(cache, fingerprint, shape, lambda images: decode_into(images, files))
     except OSError as error:  # decoding raises DamagedFiles: this is the cache's folder or disk
         log.warning(
             "Could not write the image cache %s (%s): decoding into memory; the next run decodes "
@@ -253,43 +253,59 @@ def build_cache(
             cache,
             error,
         )
-    images = np.empty(shape, dtype=np.uint8)
-    start = 0
-    with closing(decoded_chunks(files, image_size, channels)) as chunks:
-        for chunk in chunks:
-            images[start : start + len(chunk)] = chunk
-            start += len(chunk)
+    images = shared_array(shape)
+    decode_into(images, files)
     return images
 
 
 def write_cache(
-    cache: Path, fingerprint: str, shape: tuple[int, ...], chunks: Iterable[np.ndarray]
+    cache: Path, fingerprint: str, shape: tuple[int, ...], fill: Callable[[np.ndarray], None]
 ) -> np.ndarray:
-    """Writes the array (from `chunks`, in order) and then its metadata; maps the array."""
+    """Writes the array (`fill` writes its images in place) and then its metadata; maps it."""
     data, meta = cache_files(cache)
     data.parent.mkdir(parents=True, exist_ok=True)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": shape}
+    )
+    offset = len(header.getvalue())
     with atomic_file(data) as file:
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(
-            header, {"descr": "|u1", "fortran_order": False, "shape": shape}
-        )
-        blocks = chain([header.getvalue()], (memoryview(chunk.reshape(-1)) for chunk in chunks))
-        crc = 0
-        for block in blocks:
-            file.write(block)
-            crc = zlib.crc32(block, crc)
-        file.flush()  # the map sees the file, not Python's buffer
+        file.write(header.getvalue())
+        reserve(file, offset + math.prod(shape))
+        filled = np.memmap(file, dtype=np.uint8, mode="r+", offset=offset, shape=shape)
+        fill(filled)
+        filled.flush()
         metadata = {
             "format": CACHE_FORMAT,
             "fingerprint": fingerprint,
             "shape": list(shape),
-            "bytes": file.tell(),
-            "crc32": crc,
+            "bytes": os.fstat(file.fileno()).st_size,
+            "crc32": file_crc32(file),
         }
-        images = map_array(file, len(header.getvalue()), shape)
+        images = map_array(file, offset, shape)
     with atomic_file(meta) as file:
         file.write(json.dumps(metadata, indent=1).encode())
     return images
+
+
+def reserve(file: IO[bytes], size: int) -> None:
+    """Allocates the file's `size` bytes on disk, so that a full disk is an OSError here rather
+    than a SIGBUS when the mapped array is written."""
+    file.flush()
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(file.fileno(), 0, size)
+        return
+    zeros = bytes(READ_SIZE)
+    end = file.seek(0, os.SEEK_END)
+    while end < size:
+        end += file.write(zeros[: size - end])
+    file.flush()
+
+
+def shared_array(shape: tuple[int, ...]) -> np.ndarray:
+    """A zeroed uint8 array in memory that forked processes write into (a shared mapping)."""
+    buffer = mmap.mmap(-1, max(1, math.prod(shape)))
+    return np.frombuffer(buffer, dtype=np.uint8, count=math.prod(shape)).reshape(shape)
 
 
 @contextmanager
@@ -335,29 +351,33 @@ def damaged_members(archive: str) -> list[str]:
     return damaged
 
 
-def decoded_chunks(files: list[ImageFile], image_size: int, channels: int) -> Iterator[np.ndarray]:
-    """`files` decoded as uint8 [n, channels, image_size, image_size] runs, in order.
+def decode_into(images: np.ndarray, files: list[ImageFile]) -> None:
+    """Decodes `files` into `images` (uint8 [n, channels, size, size], shared with forked
+    processes: a mapped file or `shared_array`).
 
     Raises DamagedFiles at the first file that cannot be decoded, naming it or, in an archive,
     every member that fails its CRC-32 check.
     """
     workers = decode_workers(len(files))
-    jobs = decode_jobs(files, image_size, channels, chunk=max(64, -(-len(files) // (8 * workers))))
+    jobs = decode_jobs(files, chunk=max(64, -(-len(files) // (8 * workers))))
     with ExitStack() as stack:
         stack.callback(close_archives)
         if workers == 1:
-            results: Iterable[DecodedChunk] = map(decode_chunk, jobs)
+            failures: Iterable[Failure | None] = (decode_chunk(job, images) for job in jobs)
         else:
-            # imap keeps the order, so the cache is written as it goes.
-            results = stack.enter_context(decode_pool(workers)).imap(decode_chunk, jobs)
-        for images, failure in results:
+            # The workers write the images into the shared array and send back only failures.
+            # Sending the images (megabytes per job) could hang Pool.terminate: after an error,
+            # a worker blocked writing a result that nobody reads any more holds the lock that
+            # terminate needs. imap keeps the order, so the first failure is the first file's.
+            pool = stack.enter_context(decode_pool(workers, images))
+            failures = pool.imap(decode_in_worker, jobs)
+        for failure in failures:
             if failure is not None:
                 raise DamagedFiles(describe_failure(*failure))
-            yield images
 
 
-def decode_pool(workers: int) -> multiprocessing.pool.Pool:
-    """Processes that decode images; leaving the pool's context terminates them.
+def decode_pool(workers: int, images: np.ndarray) -> multiprocessing.pool.Pool:
+    """Processes that decode images into `images`; leaving the pool's context terminates them.
 
     fork: the workers need only PIL and numpy, and start at once (spawn would re-import torch and
     Lightning in each of them). They would inherit the run's SIGTERM handler, which ignores the
@@ -365,12 +385,24 @@ def decode_pool(workers: int) -> multiprocessing.pool.Pool:
     worker blocked on the pool's task queue: they take the default action back. Ctrl-C reaches
     the whole process group; the main process answers it by terminating the pool.
     """
-    return multiprocessing.get_context("fork").Pool(workers, initializer=default_stop_signals)
+    context = multiprocessing.get_context("fork")
+    return context.Pool(workers, initializer=start_worker, initargs=(images,))
 
 
-def default_stop_signals() -> None:
+_worker_images: np.ndarray | None = None  # in a pool's worker: the array it decodes into
+
+
+def start_worker(images: np.ndarray) -> None:
+    """A forked worker's start: the default stop signals, and the (inherited, shared) array."""
+    global _worker_images
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_images = images
+
+
+def decode_in_worker(job: DecodeJob) -> Failure | None:
+    assert _worker_images is not None, "runs in a decode_pool worker"
+    return decode_chunk(job, _worker_images)
 
 
 def describe_failure(file: ImageFile, reason: str) -> str:
@@ -395,13 +427,11 @@ def decode_workers(count: int) -> int:
     return max(1, min(cpus or 1, torch.get_num_threads(), 16))
 
 
-DecodeJob = tuple[str | None, list[str], int, int]  # archive, paths, size, channels
-DecodedChunk = tuple[np.ndarray, tuple[ImageFile, str] | None]  # images, first failure if any
+DecodeJob = tuple[str | None, list[str], int]  # archive, paths, index of the first image
+Failure = tuple[ImageFile, str]  # a file that cannot be decoded, and why
 
 
-def decode_jobs(
-    files: list[ImageFile], image_size: int, channels: int, chunk: int
-) -> list[DecodeJob]:
+def decode_jobs(files: list[ImageFile], chunk: int) -> list[DecodeJob]:
     """Runs of at most `chunk` consecutive files from the same archive (or from none)."""
     jobs: list[DecodeJob] = []
     start = 0
@@ -410,23 +440,24 @@ def decode_jobs(
         stop = start + 1
         while stop < len(files) and stop - start < chunk and files[stop].archive == archive:
             stop += 1
-        jobs.append((archive, [f.path for f in files[start:stop]], image_size, channels))
+        jobs.append((archive, [f.path for f in files[start:stop]], start))
         start = stop
     return jobs
 
 
-def decode_chunk(job: DecodeJob) -> DecodedChunk:
-    """The images of one job, stopping at the first that cannot be read or decoded."""
-    archive, paths, image_size, channels = job
-    images = np.empty((len(paths), channels, image_size, image_size), dtype=np.uint8)
+def decode_chunk(job: DecodeJob, images: np.ndarray) -> Failure | None:
+    """Decodes the files of one job into their rows of `images`, stopping at the first that
+    cannot be read or decoded."""
+    archive, paths, start = job
+    _, channels, image_size, _ = images.shape
     zip_file = archive_handle(archive) if archive else None
-    for i, path in enumerate(paths):
+    for index, path in enumerate(paths, start):
         try:
             source = io.BytesIO(zip_file.read(path)) if zip_file else path
-            images[i] = decode(source, image_size, channels)
+            images[index] = decode(source, image_size, channels)
         except Exception as error:  # any failure is this file's: it is named to the user
-            return images, (ImageFile(path, archive), f"{type(error).__name__}: {error}")
-    return images, None
+            return ImageFile(path, archive), f"{type(error).__name__}: {error}"
+    return None
 
 
 _archives: dict[str, zipfile.ZipFile] = {}  # this process's open archives, by path
