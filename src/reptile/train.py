@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+import torch._dynamo
 from hydra.utils import get_class
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
@@ -174,6 +176,10 @@ SAFE_LOAD = {"weights_only": True}
 def run(cfg: DictConfig, parts: Parts) -> float | None:
     """Fit and test as `cfg` says; returns `cfg.optimized_metric` for hyperparameter searches."""
     job = check(cfg, parts)
+    if job.module.algorithm.compile:
+        # The jobs of a multirun can share this process (basic and joblib launchers): past
+        # dynamo's 8 graphs per function, later jobs would silently run eager.
+        torch._dynamo.reset()
     pl.seed_everything(cfg.seed, workers=True)
     launch_ranks_as_jobs()
     metrics: dict[str, Any] = {}  # testing replaces the trainer's metrics: collect each stage's
