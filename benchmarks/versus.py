@@ -50,6 +50,10 @@ def measure(tree: Path, only: str, compile: bool, steps: int) -> dict[str, float
     return rates
 
 
+def rate(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("before", type=Path, help="the other checkout")
@@ -75,13 +79,13 @@ def main() -> None:
             command += ["--steps", str(args.steps)] + (["--compile"] if args.compile else [])
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             rates[name].append(json.loads(output.splitlines()[-1]))
-    print("| setting | before (it/s) | this checkout (it/s) | ratio | this checkout, each round |")
+    print("| setting | before (it/s) | this checkout (it/s) | ratio | each round: before → this |")
     print("|---|---|---|---|---|")
     for setting in rates["before"][0]:
         before = statistics.median(r[setting] for r in rates["before"])
         now = statistics.median(r[setting] for r in rates["this checkout"])
-        spread = [f"{r[setting]:.0f}" for r in rates["this checkout"]]
-        rounds = "/".join(spread)
+        pairs = zip(rates["before"], rates["this checkout"], strict=True)
+        rounds = ", ".join(f"{rate(b[setting])} → {rate(t[setting])}" for b, t in pairs)
         print(f"| {setting} | {before:.1f} | {now:.1f} | {now / before:.2f}× | {rounds} |")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -66,3 +68,22 @@ def test_end_to_end_rates_of_two_jobs_at_once() -> None:
     )
     assert len(rates) == len(tests) == 2
     assert all(math.isfinite(r) and r > 0 for r in rates + tests)
+
+
+def test_versus_measures_both_checkouts_in_every_round(tmp_path: Path) -> None:
+    """benchmarks/versus.py against a copy of this checkout (its src/ and benchmark.py): one
+    row per selected setting, both trees measured in each of the 2 rounds."""
+    other = tmp_path / "other"
+    shutil.copytree(SCRIPT.parents[1] / "src", other / "src")
+    (other / "benchmarks").mkdir()
+    shutil.copy(SCRIPT, other / "benchmarks")
+    command = [sys.executable, str(SCRIPT.parent / "versus.py"), str(other), "--rounds", "2"]
+    command += ["--only", "sine, 10 tasks", "--steps", "1"]
+    table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert [row[0] for row in rows] == [
+        f"| sine, 10 tasks × 32 steps ({o})" for o in ("sgd", "adam")
+    ]
+    for row in rows:
+        assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("×")
+        assert row[4].count("→") == 2
