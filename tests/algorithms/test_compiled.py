@@ -142,19 +142,15 @@ def test_compiled_training_reaches_the_eager_phi(accelerator: str, inner: str, o
     torch.testing.assert_close(inner_state, expected[2], **tolerance)
 
 
-def test_each_job_of_a_multirun_in_one_process_compiles_its_own_meta_step(
-    compose, monkeypatch
-) -> None:
+def test_each_job_of_a_multirun_in_one_process_compiles_its_own_meta_step(compose) -> None:
     """The basic and joblib launchers run a sweep's jobs in one process. Dynamo keeps at most
     `recompile_limit` graphs per function (8; here 1, to see it at the second job) and then runs
     it eager, silently: each job starts from empty caches instead."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     graphs = []
-    for inner_steps in (1, 2):
-        counters.clear()
-        cfg = compose(
-            *TINY, "logger=none", "algorithm.compile=true", f"algorithm.inner_steps={inner_steps}"
-        )
-        run_job(cfg)
-        graphs.append(counters["stats"]["unique_graphs"])
+    with torch._dynamo.config.patch(recompile_limit=1):  # monkeypatch's undo breaks the config
+        for inner_steps in (1, 2):
+            counters.clear()
+            overrides = ("algorithm.compile=true", f"algorithm.inner_steps={inner_steps}")
+            run_job(compose(*TINY, "logger=none", *overrides))
+            graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [1, 1]
