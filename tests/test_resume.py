@@ -47,10 +47,9 @@ RUN = (
 )
 
 
-def validations(run_dir: Path) -> dict[int, str]:
+def logged(run_dir: Path, metric: str) -> dict[int, str]:
     with open(next(run_dir.glob("csv/version_*/metrics.csv"))) as handle:
-        rows = csv.DictReader(handle)
-        return {int(row["step"]): row["val/mse_after"] for row in rows if row["val/mse_after"]}
+        return {int(row["step"]): row[metric] for row in csv.DictReader(handle) if row[metric]}
 
 
 # What an interrupted run must not print: Lightning's noise, false on these runs.
@@ -72,9 +71,11 @@ def assert_resumed_to(resumed: Path, whole: Path) -> None:
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "inner_state"):
         torch.testing.assert_close(ends[0][key], ends[1][key], rtol=0, atol=0)
     assert results(resumed) == results(whole)
-    # Validations after resuming fall on the uninterrupted run's steps, with its values.
-    after = validations(resumed)
-    assert after and all(validations(whole)[step] == v for step, v in after.items())
+    # Validations and logged training losses after resuming fall on the uninterrupted run's
+    # steps, with its values (a loss logged after a checkpoint between two logged steps too).
+    for metric in ("val/mse_after", "train/loss", "train/loss_adapted"):
+        after = logged(resumed, metric)
+        assert after and all(logged(whole, metric)[step] == v for step, v in after.items())
 
 
 @pytest.mark.slow

@@ -239,9 +239,17 @@ class MetaLearner(pl.LightningModule):
         self.raise_if_diverged()  # a checkpoint never holds a φ that is not finite
         checkpoint["inner_state"] = self.inner_state
         checkpoint["run_config"] = self.run_config
+        # A checkpoint between two logged steps (a signal's) keeps the interval's partial sums:
+        # the resumed run logs the uninterrupted run's train/loss.
+        checkpoint["loss_sums"] = (self.loss_sums, self.loss_count)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.inner_state = checkpoint.get("inner_state")
+        self.loss_sums, self.loss_count = checkpoint.get("loss_sums", (None, 0))
+
+    def on_train_start(self) -> None:
+        if self.loss_sums is not None:  # restored before the module moved to its device
+            self.loss_sums = self.loss_sums.to(self.device)
 
     # --- evaluation -----------------------------------------------------------------------
 
