@@ -640,14 +640,16 @@ END_TO_END = {
 
 def paths_for(device: torch.device) -> dict[str, list[str]]:
     """The paths compared, today's first, as train.py overrides: float32; bf16-mixed where the
-    hardware has bfloat16 units; on a GPU, also the compiled meta-step replayed as a CUDA graph.
-    Each runs on `device`."""
+    hardware has bfloat16 units; the compiled meta-step, on a GPU in bf16 and replayed as a CUDA
+    graph. Each runs on `device`."""
     where = ["trainer.accelerator=gpu" if device.type == "cuda" else "trainer.accelerator=cpu"]
     paths = {"fp32 (today)": ["trainer.precision=32-true"]}
     if has_bf16_units(device.type):
         paths["bf16-mixed"] = ["trainer.precision=bf16-mixed"]
     if device.type == "cuda":
         paths["bf16-mixed, CUDA graph"] = ["trainer.precision=bf16-mixed", "algorithm.compile=true"]
+    else:
+        paths["fp32, compiled meta-step"] = ["trainer.precision=32-true", "algorithm.compile=true"]
     return {name: where + overrides for name, overrides in paths.items()}
 
 

@@ -13,10 +13,12 @@
 #   concurrency  1, 2 and 4 such jobs at once on the one GPU: their aggregate rate
 #   test_10000   the 10,000-task test of the committed Omniglot 5-way run's checkpoint, timed
 #
-# The machine has no network and its own python3/torch/Lightning; hydra-core, omegaconf and
-# antlr4 travel as wheels, Omniglot's archives as data/omniglot (15 MB). Prepared here with
+# The machine has no network and its own python3/torch/Lightning; hydra-core, omegaconf, antlr4
+# and pytest-timeout (pyproject's `timeout`) travel as wheels, Omniglot's archives as data/omniglot
+# (15 MB). Prepared here with
 #   echo /.whl/ >> .git/info/exclude
-#   pip wheel --no-deps hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 -w .whl
+#   pip wheel --no-deps hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
+#       pytest-timeout==2.4.0 -w .whl
 #   mkdir -p data/omniglot && cp ../shared/data/omniglot/*.zip data/omniglot/
 # and run through the device tool as
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", "data/omniglot"], timeout_s=540)
