@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from train_process import TINY, environment, results, train
+from train_process import TINY, checkpoint, environment, group_ended, results, train, wait_for
 
 from reptile import paper
 
@@ -43,11 +44,14 @@ def make_paper(tmp_path: Path) -> Path:
     return folder
 
 
-def reptile_paper(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
+def paper_command(tmp_path: Path, *arguments: str) -> list[str]:
     command = [sys.executable, "-m", "reptile.paper", "--paper", str(tmp_path / "paper")]
-    command += ["--work", str(tmp_path / "work")]
+    return [*command, "--work", str(tmp_path / "work"), *arguments]
+
+
+def reptile_paper(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*command, *arguments],
+        paper_command(tmp_path, *arguments),
         cwd=tmp_path,
         env=environment(tmp_path),
         capture_output=True,
@@ -108,3 +112,43 @@ def test_machine_settings_are_not_a_different_run(tmp_path: Path) -> None:
     ]
     assert paper.check_config(run, machine) == base
     assert paper.check_config(run, ["seed=1"])["seed"] == 1
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_runner_stops_the_run_with_a_checkpoint_and_records_it(
+    tmp_path: Path,
+) -> None:
+    """A scheduler's SIGTERM to `python -m reptile.paper` reaches train.py, which stops at a
+    checkpoint; the piece is recorded as one stopped by --hours is, and the runner exits 143."""
+    folder = make_paper(tmp_path)
+    long_run = {
+        **ROWS["tiny"],
+        "train": [
+            *TRAIN,
+            "trainer.max_steps=100000",
+            "trainer.val_check_interval=1000",
+            "callbacks.model_checkpoint.every_n_train_steps=10",
+        ],
+    }
+    (folder / "rows.yaml").write_text(json.dumps({"long": long_run}))
+    with subprocess.Popen(
+        paper_command(tmp_path, "continue", "long", "threads=1"),
+        cwd=tmp_path,
+        env=environment(tmp_path),
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as runner:
+        wait_for(tmp_path / "work/long/checkpoints/step10.ckpt", runner)
+        runner.send_signal(signal.SIGTERM)  # to the runner alone
+        _, error = runner.communicate(timeout=120)
+    assert runner.returncode == 143, error[-3000:]
+    assert group_ended(runner)  # train.py and its workers too
+    (piece,) = json.loads((folder / "long/run.json").read_text())["training"]
+    step = checkpoint(folder / "long/checkpoint.ckpt")["global_step"]
+    assert piece["exit_status"] == 143 and piece["from_step"] == 0
+    assert piece["to_step"] == step >= 10
+    assert error.splitlines()[-1] == (
+        f"run long interrupted by SIGTERM at meta-iteration {step:,}, recorded in "
+        f"{folder / 'long'}; continue: python -m reptile.paper continue long"
+    )

@@ -15,7 +15,8 @@ continues run `omniglot_5w` on whatever machine runs it (overrides say where the
 threads, which accelerator), from the newer of its committed checkpoint and the one in its working
 directory `outputs/paper/<run>/`; it refuses, in one line, an override that changes what the run
 computes. When training is complete it evaluates every listed evaluation. `--hours` stops training
-after that long (SIGTERM: a checkpoint at the current meta-iteration), ready for the next machine.
+after that long (SIGTERM: a checkpoint at the current meta-iteration), ready for the next machine;
+a SIGTERM or Ctrl-C sent to it does the same, records the piece and exits with 143 or 130.
 
     python -m reptile.paper table
 
@@ -43,6 +44,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from reptile.cli import STOP_SIGNALS
+
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "benchmarks" / "paper"  # the committed runs
 WORK = ROOT / "outputs" / "paper"  # their working directories (git-ignored)
@@ -65,6 +68,17 @@ MACHINE = (
 
 class RowError(ValueError):
     """A run cannot be continued or reported as asked."""
+
+
+class RunInterrupted(Exception):
+    """A signal stopped a run's training; the piece up to its checkpoint is recorded."""
+
+    def __init__(self, run: Run, signal_name: str, step: int, status: int) -> None:
+        super().__init__(
+            f"run {run.name} interrupted by {signal_name} at meta-iteration {step:,}, recorded in "
+            f"{run.folder}; continue: python -m reptile.paper continue {run.name}"
+        )
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -233,21 +247,29 @@ def train_command(overrides: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *overrides]
 
 
-def run_until(command: list[str], hours: float | None, log: Path) -> int:
-    """Runs `command`, sending it SIGTERM after `hours`; its exit status."""
+def run_until(command: list[str], hours: float | None, log: Path) -> tuple[int, int | None]:
+    """Runs `command`, sending it SIGTERM after `hours`; its exit status, and the SIGTERM or
+    SIGINT sent to this process meanwhile (a scheduler's, Ctrl-C), if any. Such a signal is
+    passed on: train.py stops with a checkpoint, and this process records the piece after it."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    received: list[int] = []
+
+    def pass_on(signum: int, frame: Any) -> None:
+        received.append(signum)
+        process.send_signal(signum)  # train.py ignores a repeated one (Ctrl-C reaches both)
+
     with open(log, "a") as output:
         process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+        handlers = {signum: signal.signal(signum, pass_on) for signum in STOP_SIGNALS}
         try:
             process.wait(timeout=None if hours is None else hours * 3600)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGTERM)
             process.wait()
-        except KeyboardInterrupt:
-            process.send_signal(signal.SIGINT)
-            process.wait()
-            raise
-    return process.returncode
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+    return process.returncode, received[0] if received else None
 
 
 def validation_curve(run: Run) -> list[dict[str, str]]:
@@ -302,7 +324,7 @@ def continue_training(
     )
     # The code that trains is the checkout's at the start: commits made meanwhile do not count.
     started, began, code = now(), time.monotonic(), commit()
-    status = run_until(command, hours, run.work / "train.out")
+    status, interrupted = run_until(command, hours, run.work / "train.out")
     end = run.last_checkpoint
     end_step = global_step(end) if end.is_file() else start_step
     record = run.record()
@@ -322,6 +344,8 @@ def continue_training(
         shutil.copy2(end, run.folder / "checkpoint.ckpt")
     save_curve(run)
     save_record(run, record)
+    if interrupted is not None:
+        raise RunInterrupted(run, signal.Signals(interrupted).name, end_step, status)
     return end_step >= max_steps
 
 
@@ -469,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     except RowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunInterrupted as error:
+        print(error, file=sys.stderr)
+        return error.status
     return 0
 
 
