@@ -71,12 +71,13 @@ class RowError(ValueError):
 
 
 class RunInterrupted(Exception):
-    """A signal stopped a run's training; the piece up to its checkpoint is recorded."""
+    """A signal stopped a run's training (the piece up to its checkpoint is recorded) or one of
+    its evaluations (scored again from the start by the next `continue`)."""
 
-    def __init__(self, run: Run, signal_name: str, step: int, status: int) -> None:
+    def __init__(self, run: Run, signum: int, where: str, status: int) -> None:
         super().__init__(
-            f"run {run.name} interrupted by {signal_name} at meta-iteration {step:,}, recorded in "
-            f"{run.folder}; continue: python -m reptile.paper continue {run.name}"
+            f"run {run.name} interrupted by {signal.Signals(signum).name} {where}; continue: "
+            f"python -m reptile.paper continue {run.name}"
         )
         self.status = status
 
@@ -345,7 +346,8 @@ def continue_training(
     save_curve(run)
     save_record(run, record)
     if interrupted is not None:
-        raise RunInterrupted(run, signal.Signals(interrupted).name, end_step, status)
+        where = f"at meta-iteration {end_step:,}, recorded in {run.folder}"
+        raise RunInterrupted(run, interrupted, where, status)
     return end_step >= max_steps
 
 
@@ -368,7 +370,9 @@ def evaluate(run: Run, overrides: list[str]) -> None:
             ]
         )
         started, began, code = now(), time.monotonic(), commit()
-        status = run_until(command, None, where / "eval.out")
+        status, interrupted = run_until(command, None, where / "eval.out")
+        if interrupted is not None:
+            raise RunInterrupted(run, interrupted, f"in evaluation {name}", status)
         if status != 0:
             raise RowError(f"run {run.name}: evaluation {name} failed (exit {status}; {where})")
         (run.folder / "results").mkdir(parents=True, exist_ok=True)
