@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +45,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from reptile.cli import STOP_SIGNALS
+from reptile.files import copy_atomically, write_atomically
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "benchmarks" / "paper"  # the committed runs
@@ -239,8 +240,7 @@ def resume_point(run: Run) -> Path | None:
     committed = run.folder / "checkpoint.ckpt"
     local = run.last_checkpoint
     if committed.is_file() and (not local.is_file() or global_step(local) < global_step(committed)):
-        local.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(committed, local)
+        copy_atomically(committed, local)
     return local if local.is_file() else None
 
 
@@ -294,14 +294,15 @@ def save_curve(run: Run) -> None:
     if not rows:
         return
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(run.folder / "curve.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(run.folder / "curve.csv", text.getvalue().encode())
 
 
 def save_record(run: Run, record: dict[str, Any]) -> None:
-    (run.folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_atomically(run.folder / "run.json", (json.dumps(record, indent=2) + "\n").encode())
 
 
 def continue_training(
@@ -340,9 +341,8 @@ def continue_training(
             "exit_status": status,
         }
     )
-    run.folder.mkdir(parents=True, exist_ok=True)
     if end_step > start_step:
-        shutil.copy2(end, run.folder / "checkpoint.ckpt")
+        copy_atomically(end, run.folder / "checkpoint.ckpt")
     save_curve(run)
     save_record(run, record)
     if interrupted is not None:
@@ -375,8 +375,7 @@ def evaluate(run: Run, overrides: list[str]) -> None:
             raise RunInterrupted(run, interrupted, f"in evaluation {name}", status)
         if status != 0:
             raise RowError(f"run {run.name}: evaluation {name} failed (exit {status}; {where})")
-        (run.folder / "results").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(where / "results.json", run.folder / "results" / f"{name}.json")
+        copy_atomically(where / "results.json", run.folder / "results" / f"{name}.json")
         record = run.record()
         record["evaluation"][name] = {
             "commit": code,
@@ -397,9 +396,9 @@ def continue_run(
         )
     run = runs[name]
     config = check_config(run, overrides)
-    run.folder.mkdir(parents=True, exist_ok=True)
     if not (run.folder / "config.yaml").is_file():
-        OmegaConf.save(OmegaConf.create(config), run.folder / "config.yaml")
+        yaml = OmegaConf.to_yaml(OmegaConf.create(config))
+        write_atomically(run.folder / "config.yaml", yaml.encode())
     if continue_training(run, overrides, config, hours):
         evaluate(run, overrides)
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -293,44 +291,3 @@ def test_pool_workers_write_into_the_shared_array_and_send_back_only_failures(ro
     assert failed == ImageFile(str(broken)) and reason.startswith("UnidentifiedImageError: ")
     intact = slice(0, len(files) - IMAGES_PER_CLASS)
     assert torch.equal(torch.from_numpy(images[intact]), png_pixels_of(files[intact]))
-
-
-BUILD_THAT_HANGS = """
-import sys, time
-from pathlib import Path
-from reptile.data import images
-images.write_cache(Path(sys.argv[1]), "hangs", (4, 1, 2, 2), lambda array: time.sleep(600))
-"""
-
-
-def age(path: Path, seconds: float) -> None:
-    os.utime(path, (time.time() - seconds,) * 2)
-
-
-@pytest.mark.skipif(image_cache.fcntl is None, reason="no advisory file locks")
-def test_the_next_build_removes_what_a_killed_build_left(tmp_path, caplog):
-    """A SIGKILLed build cannot remove its temporary file (about the cache's size). The next build
-    removes it, but never the file of a build that is still running (it holds the file locked) or
-    one just created (a build locks its file only after creating it)."""
-    cache = tmp_path / "cache" / "entry"
-    data, meta = image_cache.cache_files(cache)
-    with subprocess.Popen([sys.executable, "-c", BUILD_THAT_HANGS, str(cache)]) as build:
-        try:
-            deadline = time.monotonic() + 60
-            while not (left := list(cache.parent.glob(f".{data.name}.*"))):
-                assert build.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
-            (temporary,) = left
-            age(temporary, 3600)
-            image_cache.remove_orphans(data)
-            assert temporary.exists()  # a live build's
-        finally:
-            build.kill()
-    age(temporary, 1)
-    image_cache.remove_orphans(data)
-    assert temporary.exists()  # as young as a file its build has not locked yet
-    age(temporary, 3600)
-    with caplog.at_level(logging.INFO, logger=LOGGER):
-        image_cache.write_cache(cache, "next", (4, 1, 2, 2), lambda array: array.fill(7))
-    assert sorted(path.name for path in cache.parent.iterdir()) == [meta.name, data.name]
-    assert f"Removed {temporary}, left by a cache build that was killed" in caplog.text

@@ -8,11 +8,9 @@ processes of a run and their DataLoader workers share its pages, and the kernel 
 under memory pressure, so a 1.3 GB dataset never has to sit in any one process's private memory.
 
 A cache whose fingerprint differs (stale) or that is unreadable, short or fails its CRC-32
-(damaged) is rebuilt, with a warning; it is never used. Each file is written to a temporary file
-that replaces it atomically, the array before the metadata, so an interrupted or concurrent build
-never leaves a cache that passes the checks with the wrong images. A build holds a lock on its
-temporary file; the next build removes the temporary files of builds that died without cleaning up
-(SIGKILL, a power cut), which no live process holds locked.
+(damaged) is rebuilt, with a warning; it is never used. Each file is replaced atomically
+(reptile.files), the array before the metadata, so an interrupted or concurrent build never leaves
+a cache that passes the checks with the wrong images.
 """
 
 from __future__ import annotations
@@ -27,13 +25,12 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import signal
-import tempfile
 import time
 import zipfile
 import zlib
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -44,11 +41,7 @@ from PIL import Image
 
 from reptile.config import ConfigValueError, is_int, require, require_int
 from reptile.data.fewshot import FewShotClassification, Split
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; temporary files of killed builds stay
-    fcntl = None  # type: ignore[assignment]
+from reptile.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +51,6 @@ MODES = {1: "L", 3: "RGB"}  # PIL mode per number of channels
 PARALLEL_FROM = 2000  # fewer images decode faster in this process than a pool starts
 READ_SIZE = 16 * 2**20  # bytes per block when a cache's file is read or written whole
 LISTED = 5  # damaged files named in an error message
-# A temporary file is an orphan once unlocked and this old: a build locks its file just after
-# creating it, and a build's file is locked until it is closed, just before the replace.
-ORPHAN_SECONDS = 60.0
 
 
 class DamagedFiles(Exception):
@@ -273,14 +263,11 @@ def write_cache(
 ) -> np.ndarray:
     """Writes the array (`fill` writes its images in place) and then its metadata; maps it."""
     data, meta = cache_files(cache)
-    data.parent.mkdir(parents=True, exist_ok=True)
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         header, {"descr": "|u1", "fortran_order": False, "shape": shape}
     )
     offset = len(header.getvalue())
-    for path in (data, meta):
-        remove_orphans(path)
     with atomic_file(data) as file:
         file.write(header.getvalue())
         reserve(file, offset + math.prod(shape))
@@ -318,39 +305,6 @@ def shared_array(shape: tuple[int, ...]) -> np.ndarray:
     """A zeroed uint8 array in memory that forked processes write into (a shared mapping)."""
     buffer = mmap.mmap(-1, max(1, math.prod(shape)))
     return np.frombuffer(buffer, dtype=np.uint8, count=math.prod(shape)).reshape(shape)
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """A new file that replaces `path` if the block succeeds and is removed if it fails."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        if fcntl is not None:  # held while this process (or a child it forks) has the file open
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        with os.fdopen(handle, "w+b") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(temporary, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-def remove_orphans(path: Path) -> None:
-    """Removes the temporary files that builds of `path` left behind when they were killed: no
-    process holds them locked and they are older than ORPHAN_SECONDS."""
-    if fcntl is None:
-        return
-    for temporary in path.parent.glob(f".{path.name}.*"):
-        with suppress(OSError), open(temporary, "rb") as file:  # OSError: gone, or locked
-            if time.time() - os.fstat(file.fileno()).st_mtime < ORPHAN_SECONDS:
-                continue  # a build that has not locked its file yet
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(temporary)
-            log.info("Removed %s, left by a cache build that was killed", temporary)
 
 
 @contextmanager

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import urllib.request
 import zipfile
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ import torch
 from reptile.config import is_int, require, require_int
 from reptile.data.fewshot import Split
 from reptile.data.images import ClassFiles, ImageDataset, ImageFile, open_archive
+from reptile.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -141,24 +139,25 @@ class Omniglot(ImageDataset):
         """Fetches the official archive `name` into root, keeping it only if its content checks."""
         url, target = self.URLS[name], self.root / f"{name}.zip"
         log.info("Downloading %s to %s", url, target)
-        temporary = None
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=self.root)
-            with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=60) as data:
+            with (
+                atomic_file(target) as file,
+                urllib.request.urlopen(url, timeout=60) as data,
+            ):
                 shutil.copyfileobj(data, file)
-            with zipfile.ZipFile(temporary) as archive:
-                broken = archive.testzip()
-            require(broken is None, "download", True, f"an intact {url}, but {broken} is corrupt")
-            problem = count_problem(list_archive(Path(temporary), name), name)
-            require(
-                problem is None,
-                "download",
-                True,
-                f"the official archive at {url}, but the download holds {problem}",
-            )
-            os.replace(temporary, target)
-            temporary = None
+                file.flush()
+                with zipfile.ZipFile(file.name) as archive:
+                    broken = archive.testzip()
+                require(
+                    broken is None, "download", True, f"an intact {url}, but {broken} is corrupt"
+                )
+                problem = count_problem(list_archive(Path(file.name), name), name)
+                require(
+                    problem is None,
+                    "download",
+                    True,
+                    f"the official archive at {url}, but the download holds {problem}",
+                )
         except (OSError, zipfile.BadZipFile) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             require(
@@ -168,10 +167,6 @@ class Omniglot(ImageDataset):
                 f"a writable folder to download {url} into, which failed ({reason}); without "
                 f"network, put {name}.zip (or the folder extracted from it) there yourself",
             )
-        finally:
-            if temporary is not None:
-                with suppress(OSError):
-                    os.unlink(temporary)
 
 
 def list_archive(path: Path, name: str) -> ClassFiles:

@@ -4,7 +4,6 @@ crash-safe checkpoints, and stopping on a signal with a checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -22,29 +21,15 @@ from pytorch_lightning.trainer.connectors.signal_connector import _SignalConnect
 from reptile.checkpoints import checkpoint_step
 from reptile.cli import STOP_SIGNALS, Interrupted, stop_request
 from reptile.data.tasks import collate_tasks
-
-
-def write_atomically(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename it into place: a reader, or a run killed
-    mid-write, sees the old file or the new one, never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)  # a failed write leaves no partial file behind
-        raise
+from reptile.files import atomic_file, write_atomically
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
     ) -> None:
-        write_atomically(Path(path), lambda handle: torch.save(checkpoint, handle))
+        with atomic_file(Path(path)) as file:
+            torch.save(checkpoint, file)
 
 
 class ResultsWriter(pl.Callback):
@@ -62,7 +47,7 @@ class ResultsWriter(pl.Callback):
             if name.startswith("test/")
         }
         text = json.dumps(results, indent=2) + "\n"
-        write_atomically(self.path, lambda handle: handle.write(text.encode()))
+        write_atomically(self.path, text.encode())
 
 
 class AdaptationPlot(pl.Callback):
