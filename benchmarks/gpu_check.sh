@@ -63,19 +63,21 @@ part test_10000 70 python3 train.py experiment=omniglot_5w1s train=false \
     trainer.accelerator="$accelerator" dataset.num_test_tasks="$TASKS" \
     dataset.eval_batch_tasks=2000 dataset.num_workers=8 paths.data_dir="$DATA" logger=csv \
     hydra.run.dir="$OUT/run_test"
-part tests 80 python3 -m pytest -q -p no:cacheprovider tests/algorithms/test_cuda.py \
-    "tests/algorithms/test_compiled.py::test_compiled_training_reaches_the_eager_phi" -k "gpu or \
-    not compiled" tests/lightning/test_datamodule.py tests/lightning/test_callbacks.py
-part steps 45 python3 benchmarks/benchmark.py --device "$DEVICE" --rounds 10 --only=-way
-part concurrency 55 python3 benchmarks/benchmark.py --device "$DEVICE" --end-to-end \
-    --concurrency 1,2,4 --only "Omniglot 5-way" --steps "$STEPS" --data-dir "$DATA"
+# Its rate as logged, and its scores, beside its output.
 python3 - "$OUT" >> "$OUT/test_10000.txt" <<'PY'
 import csv, glob, json, sys
 out = sys.argv[1]
 rows = [r for f in glob.glob(f"{out}/run_test/csv/*/metrics.csv") for r in csv.DictReader(open(f))]
 rate = [r["speed/test_tasks_per_s"] for r in rows if r.get("speed/test_tasks_per_s")]
 print("test tasks/s:", rate[-1] if rate else "none logged")
-print(json.load(open(f"{out}/run_test/results.json")))
+results = glob.glob(f"{out}/run_test/results.json")
+print(json.load(open(results[0])) if results else "no results.json: the test did not finish")
 PY
 tail -n 2 "$OUT/test_10000.txt"
 rm -rf "$OUT/run_test"
+part tests 80 python3 -m pytest -q -p no:cacheprovider tests/algorithms/test_cuda.py \
+    "tests/algorithms/test_compiled.py::test_compiled_training_reaches_the_eager_phi" -k "gpu or \
+    not compiled" tests/lightning/test_datamodule.py tests/lightning/test_callbacks.py
+part steps 45 python3 benchmarks/benchmark.py --device "$DEVICE" --rounds 10 --only=-way
+part concurrency 55 python3 benchmarks/benchmark.py --device "$DEVICE" --end-to-end \
+    --concurrency 1,2,4 --only "Omniglot 5-way" --steps "$STEPS" --data-dir "$DATA"
