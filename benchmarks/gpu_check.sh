@@ -14,12 +14,12 @@
 #                the per-task loop, bf16-mixed), random data of the datasets' shapes
 #   concurrency  1, 2 and 4 such jobs at once on the one GPU: their aggregate rate
 #
-# The machine has no network and its own python3/torch/Lightning; hydra-core, omegaconf, antlr4
-# and pytest-timeout (pyproject's `timeout`) travel as wheels, Omniglot's archives as data/omniglot
-# (15 MB). Prepared here with
+# The machine has no network and its own python3/torch/Lightning; hydra-core, omegaconf, antlr4,
+# pytest-timeout and pytest-xdist (pyproject's `timeout` and `-n`) travel as wheels, Omniglot's
+# archives as data/omniglot (15 MB). Prepared here with
 #   echo /.whl/ >> .git/info/exclude
 #   pip wheel --no-deps hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
-#       pytest-timeout==2.4.0 -w .whl
+#       pytest-timeout==2.4.0 pytest-xdist==3.8.0 execnet==2.1.2 -w .whl
 #   mkdir -p data/omniglot && cp ../shared/data/omniglot/*.zip data/omniglot/
 # and run through the device tool as
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", "data/omniglot"], timeout_s=540)
@@ -75,7 +75,8 @@ print(json.load(open(results[0])) if results else "no results.json: the test did
 PY
 tail -n 2 "$OUT/test_10000.txt"
 rm -rf "$OUT/run_test"
-part tests 80 python3 -m pytest -q -p no:cacheprovider tests/algorithms/test_cuda.py \
+# One process (-n 0): the memory-budget test measures the GPU's peak, which others would share.
+part tests 80 python3 -m pytest -q -n 0 -p no:cacheprovider tests/algorithms/test_cuda.py \
     "tests/algorithms/test_compiled.py::test_compiled_training_reaches_the_eager_phi" -k "gpu or \
     not compiled" tests/lightning/test_datamodule.py tests/lightning/test_callbacks.py
 part steps 45 python3 benchmarks/benchmark.py --device "$DEVICE" --rounds 10 --only=-way

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FIRST_DECODES
 from train_process import TINY, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +38,19 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = run(run_dir, *TINY, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: its controller reports
+        session.config.workeroutput["first_decodes"] = session.config.stash.get(FIRST_DECODES, {})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # pytest-xdist's controller, as a worker ends
+    decodes = node.config.stash.setdefault(FIRST_DECODES, {})
+    decodes.update(node.workeroutput.get("first_decodes", {}))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for name, seconds in terminalreporter.config.stash.get(FIRST_DECODES, {}).items():
+        terminalreporter.write_line(f"{name}: the session's first decode took {seconds:.1f} s")

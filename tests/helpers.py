@@ -17,6 +17,9 @@ from reptile.data.tasks import InnerSchedule, collate_tasks, inner_batch_index, 
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# Seconds each dataset's session cache took to decode, in the process that decoded it.
+FIRST_DECODES = pytest.StashKey[dict[str, float]]()
+
 # The accelerator "gpu" as a parameter beside "cpu", skipped without CUDA.
 GPU = pytest.param(
     "gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
