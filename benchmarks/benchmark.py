@@ -638,10 +638,11 @@ END_TO_END = {
 }
 
 
-def paths_for(device: torch.device) -> dict[str, list[str]]:
+def paths_for(device: torch.device, also: list[str] | None = None) -> dict[str, list[str]]:
     """The paths compared, today's first, as train.py overrides: float32; bf16-mixed where the
     hardware has bfloat16 units; the compiled meta-step, on a GPU in bf16 and replayed as a CUDA
-    graph. Each runs on `device`."""
+    graph; then each of `also` (space-separated overrides): today's with those overrides. Each
+    runs on `device`."""
     where = ["trainer.accelerator=gpu" if device.type == "cuda" else "trainer.accelerator=cpu"]
     paths = {"fp32 (today)": ["trainer.precision=32-true"]}
     if has_bf16_units(device.type):
@@ -650,6 +651,7 @@ def paths_for(device: torch.device) -> dict[str, list[str]]:
         paths["bf16-mixed, CUDA graph"] = ["trainer.precision=bf16-mixed", "algorithm.compile=true"]
     else:
         paths["fp32, compiled meta-step"] = ["trainer.precision=32-true", "algorithm.compile=true"]
+    paths.update({extra: paths["fp32 (today)"] + extra.split() for extra in also or []})
     return {name: where + overrides for name, overrides in paths.items()}
 
 
@@ -712,10 +714,11 @@ def end_to_end_table(
     rounds: int,
     only: str | None,
     steps: int | None = None,
+    also: list[str] | None = None,
 ) -> list[str]:
     """train.py's meta-iterations/s and test tasks/s for every path, alternating the paths
     round by round so that the machine's load hits them alike; medians over the rounds."""
-    paths = paths_for(device)
+    paths = paths_for(device, also)
     machine = [f"threads={threads}"] if threads else []
     lines = [
         "| job | path | train.py meta-iterations/s | test tasks/s | ratio to fp32 (train, test) |",
@@ -810,6 +813,13 @@ def main() -> None:
         "--steps", type=int, default=None, help="with --end-to-end: meta-iterations of each run"
     )
     parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        help="with --end-to-end: one more path, today's with these overrides (e.g. "
+        "dataset.num_workers=1); repeatable",
+    )
+    parser.add_argument(
         "--concurrency",
         default=None,
         help="with --end-to-end: job counts (e.g. 1,2,4) run at once on the device; their "
@@ -836,7 +846,9 @@ def main() -> None:
             table = concurrency_table(device, data_dir, counts, args.only, args.steps)
         else:
             rounds = args.rounds or 2
-            table = end_to_end_table(device, data_dir, args.threads, rounds, args.only, args.steps)
+            table = end_to_end_table(
+                device, data_dir, args.threads, rounds, args.only, args.steps, args.also
+            )
         if args.out:
             args.out.write_text("\n".join(table) + "\n")
         return

@@ -70,6 +70,16 @@ def test_end_to_end_rates_of_two_jobs_at_once() -> None:
     assert all(math.isfinite(r) and r > 0 for r in rates + tests)
 
 
+def test_an_extra_path_is_todays_with_its_overrides() -> None:
+    paths = benchmark.paths_for(CPU, ["dataset.num_workers=1 seed=3"])
+    assert list(paths)[0] == "fp32 (today)" and list(paths)[-1] == "dataset.num_workers=1 seed=3"
+    assert paths["dataset.num_workers=1 seed=3"] == [
+        *paths["fp32 (today)"],
+        "dataset.num_workers=1",
+        "seed=3",
+    ]
+
+
 def test_versus_measures_both_checkouts_in_every_round(tmp_path: Path) -> None:
     """benchmarks/versus.py against a copy of this checkout (its src/ and benchmark.py): one
     row per selected setting, both trees measured in each of the 2 rounds."""
