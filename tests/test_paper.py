@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from data.real_data import SHARED_DATA
 from train_process import TINY, checkpoint, environment, group_ended, results, train, wait_for
 
 from reptile import paper
+from reptile.train import build
 
 # A sine run of 6 meta-iterations whose ε does not depend on its length (outer Adam at a constant
 # rate), so that 3 steps trained elsewhere are the first half of the 6-step run.
@@ -35,6 +37,20 @@ ROWS = {
         ],
     }
 }
+
+
+@pytest.mark.parametrize("name", list(paper.load_runs()))
+def test_every_committed_run_builds_and_keeps_its_committed_config(compose, name: str) -> None:
+    """A key of rows.yaml that does not exist or a value the config checks refuse, or a changed
+    default that a run's committed config.yaml no longer matches, fails here, not when a lent GPU
+    starts the run. (Task sizes are checked against the images, which this does not load.)"""
+    run, data = paper.load_runs()[name], f"paths.data_dir={SHARED_DATA}"
+    for overrides in run.evaluations.values():
+        cfg = compose(*run.train, *overrides, data, "logger=none")
+        if not Path(cfg.dataset.root).is_dir():
+            pytest.skip(f"{cfg.dataset.root} is missing (shared/ beside the repository)")
+        build(cfg)
+    paper.check_config(run, [data])
 
 
 def make_paper(tmp_path: Path) -> Path:
