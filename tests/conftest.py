@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository root, the read-only shared data, Hydra configs."""
+"""Shared fixtures: the repository root, Hydra configs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from helpers import FIRST_DECODES
 from train_process import TINY, run
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 
 
 @pytest.fixture(autouse=True)

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ROOT, SHARED
+from conftest import ROOT
+from data.real_data import SHARED_DATA, needs_omniglot
 
 from reptile.algorithms import FOMAML, MAML, Reptile
 from reptile.config import ConfigValueError
 from reptile.train import build
 
 ALGORITHMS = {"reptile": Reptile, "fomaml": FOMAML, "maml": MAML}
-DATA = SHARED / "data"
-needs_omniglot = pytest.mark.skipif(
-    not (DATA / "omniglot" / "images_background.zip").is_file(),
-    reason=f"the Omniglot archives are not in {DATA / 'omniglot'} (shared/ beside the repository)",
-)
 
 
 @pytest.mark.parametrize(
@@ -31,7 +27,11 @@ needs_omniglot = pytest.mark.skipif(
     ],
 )
 def test_presets_build_with_each_algorithm(compose, experiment: str, algorithm: str) -> None:
-    overrides = (f"experiment={experiment}", f"algorithm={algorithm}", f"paths.data_dir={DATA}")
+    overrides = (
+        f"experiment={experiment}",
+        f"algorithm={algorithm}",
+        f"paths.data_dir={SHARED_DATA}",
+    )
     cfg = compose(*overrides, "logger=none")
     _, module, _ = build(cfg)
     assert type(module.algorithm) is ALGORITHMS[algorithm]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data.real_data import SHARED_DATA, needs_omniglot
 from train_process import (
     ROOT,
     TINY,
@@ -31,8 +32,6 @@ from train_process import (
 )
 
 from reptile.lightning.callbacks import AtomicCheckpointIO
-
-SHARED = ROOT.parent / "shared"  # read-only data beside the checkout
 
 MAX_STEPS = 120
 # Checkpoints every 10 meta-iterations, validation every 25: the kill lands between validations.
@@ -238,6 +237,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_it_and_the_intact_one(
 
 
 @pytest.mark.slow
+@needs_omniglot
 def test_another_experiments_checkpoint_is_refused_and_its_wandb_run_untouched(
     tmp_path: Path, uninterrupted: Path
 ) -> None:
@@ -249,7 +249,7 @@ def test_another_experiments_checkpoint_is_refused_and_its_wandb_run_untouched(
         "experiment=omniglot_5w1s",
         "train=false",
         f"ckpt_path={sine}",
-        f"paths.data_dir={SHARED / 'data'}",
+        f"paths.data_dir={SHARED_DATA}",
         f"dataset.cache_dir={tmp_path / 'cache'}",
     )
     assert result.returncode == 2, result.stderr[-3000:]

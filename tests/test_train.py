@@ -10,8 +10,8 @@ import socket
 from pathlib import Path
 
 import pytest
+from data.real_data import OMNIGLOT, needs_omniglot
 from train_process import (
-    ROOT,
     TINY,
     environment,
     offline_runs,
@@ -23,7 +23,6 @@ from train_process import (
 from reptile.config import ConfigValueError
 from reptile.train import build
 
-SHARED = ROOT.parent / "shared"  # read-only data beside the checkout
 # Lightning's and W&B's noise, untrue or useless on these runs.
 NOISE = ("litlogger", "Epoch 0/-2", "smaller than the logging interval", "v_num", "anonymous")
 
@@ -230,10 +229,11 @@ def test_wandb_online_without_its_server_fails_at_once_with_the_offline_hint(
 
 
 @pytest.mark.slow
+@needs_omniglot
 def test_a_truncated_omniglot_archive_is_one_line_naming_it(tmp_path: Path) -> None:
     root = tmp_path / "data/omniglot"
     root.mkdir(parents=True)
-    official = SHARED / "data/omniglot"
+    official = OMNIGLOT
     shutil.copy(official / "images_evaluation.zip", root)
     data = (official / "images_background.zip").read_bytes()
     (root / "images_background.zip").write_bytes(data[: len(data) // 2])  # an interrupted copy
