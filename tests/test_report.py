@@ -67,6 +67,16 @@ def test_report_averages_jobs_that_agree_on_x_and_hue(sweep: Path, capsys) -> No
         assert row.endswith("(n=2) |")
 
 
+def test_report_labels_rows_by_job_directory(sweep: Path, capsys) -> None:
+    assert main([str(sweep), "--x", "job", "--hue", "none"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| job | test/mse_after |"
+    for job in range(4):
+        results = json.loads((sweep / str(job) / "results.json").read_text())
+        expected = f"{results['test/mse_after']:.4g} ± {results['test/mse_after_ci95']:.2g}"
+        assert lines[4 + job] == f"| {job} | {expected} |"
+
+
 def test_report_names_an_unknown_key_in_one_line(sweep: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "reptile.report", str(sweep), "--hue", "algorithm.nope"],

@@ -2,7 +2,8 @@
 
 Every job directory below the given directories that holds a `results.json` is one point. A job is
 described by its config: `--x` and `--hue` name either a config group (`algorithm`, `dataset`,
-`experiment`: the option chosen, e.g. `fomaml`) or a dotted config key (`algorithm.inner_steps`);
+`experiment`: the option chosen, e.g. `fomaml`), a dotted config key (`algorithm.inner_steps`) or
+`job`, the job's directory below the given one (a multirun's `0`, `1`, ..., or a name you chose);
 several keys may be joined with commas (`--hue algorithm,algorithm.tail_shots`). By default `--x`
 and `--hue` are the first two overrides other than `seed` that differ between the jobs (`--hue
 none`: no hue), and `--y` is the adapted score (`test/mse_after`, `test/acc`). Jobs that agree on
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 @dataclass(frozen=True)
 class Job:
     path: Path
+    name: str  # the directory below the one searched: `--x job`
     config: DictConfig
     choices: dict[str, str]  # config group → chosen option
     overrides: dict[str, str]  # the command line's key=value pairs
@@ -36,6 +38,8 @@ class Job:
         return ", ".join(self._value(key) for key in keys.split(","))
 
     def _value(self, key: str) -> str:
+        if key == "job":
+            return self.name
         if key in self.choices:
             return str(self.choices[key])
         value = OmegaConf.select(self.config, key, default=None)
@@ -46,7 +50,7 @@ class ReportError(ValueError):
     """The runs cannot be reported as asked."""
 
 
-def load_job(results_path: Path) -> Job:
+def load_job(results_path: Path, directory: Path) -> Job:
     path = results_path.parent
     hydra_dir = path / ".hydra"
     if not (hydra_dir / "config.yaml").is_file():
@@ -58,6 +62,7 @@ def load_job(results_path: Path) -> Job:
         overrides[key.lstrip("+~")] = value
     return Job(
         path=path,
+        name=path.relative_to(directory).as_posix() if path != directory else path.name,
         config=OmegaConf.load(hydra_dir / "config.yaml"),
         choices={key: str(value) for key, value in hydra.runtime.choices.items()},
         overrides=overrides,
@@ -69,12 +74,13 @@ def find_jobs(directories: list[Path]) -> list[Job]:
     def job_order(path: Path) -> list[Any]:
         return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.parts]
 
-    paths = sorted(
-        (p for directory in directories for p in directory.rglob("results.json")), key=job_order
+    found = sorted(
+        ((p, directory) for directory in directories for p in directory.rglob("results.json")),
+        key=lambda found: job_order(found[0]),
     )
-    if not paths:
+    if not found:
         raise ReportError(f"no results.json under {', '.join(map(str, directories))}")
-    return [load_job(path) for path in paths]
+    return [load_job(path, directory) for path, directory in found]
 
 
 def varying_overrides(jobs: list[Job]) -> list[str]:
@@ -228,7 +234,7 @@ def report(
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m reptile.report", description=__doc__)
     parser.add_argument("dirs", nargs="+", type=Path, help="multirun (or run) directories")
-    parser.add_argument("--x", help="config key or group on the x axis / table rows")
+    parser.add_argument("--x", help="config key or group, or job, on the x axis / table rows")
     parser.add_argument("--y", help="metric from results.json (default: the *_after score)")
     parser.add_argument(
         "--hue",
