@@ -130,11 +130,16 @@ def test_bad_input_is_one_line_naming_key_value_and_accepted(
 
 @pytest.mark.slow
 def test_bad_input_exits_nonzero_before_training_with_one_line(tmp_path: Path) -> None:
-    result = run(tmp_path, "algorithm.inner_steps=0", f"hydra.run.dir={tmp_path}")
+    result = run(tmp_path, "algorithm.inner_steps=0", "hydra.run.dir=outputs/day/time")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: algorithm.inner_steps=0: expected an integer >= 1"
     ]
+    assert not (tmp_path / "outputs").exists()  # the folders it made, holding only .hydra/
+    # A folder that was there before (a run resumed in place) is kept, with this try's record.
+    again = run(tmp_path, "algorithm.inner_steps=0", f"hydra.run.dir={tmp_path}")
+    assert again.returncode == 2
+    assert (tmp_path / ".hydra/overrides.yaml").read_text() == "- algorithm.inner_steps=0\n"
     assert not (tmp_path / "checkpoints").exists()
     assert not offline_runs(tmp_path)  # no empty W&B run for `wandb sync` to upload
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -87,10 +88,16 @@ def fail(error: ConfigValueError) -> NoReturn:
 
 class OutputFolderCheck(Callback):
     """Checks the run's (or the sweep's) folder before Hydra creates it and writes its configs
-    there: an unwritable folder would otherwise end in Hydra's traceback."""
+    there: an unwritable folder would otherwise end in Hydra's traceback. Notes which folders a
+    single run creates, for `discard_refused_run_dir`."""
+
+    created: tuple[Path, Path] | None = None  # (the run's folder, its topmost new ancestor)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.check("hydra.run.dir", config.hydra.run.dir)
+        folder = Path(config.hydra.run.dir).absolute()
+        new = [path for path in (folder, *folder.parents) if not path.exists()]
+        OutputFolderCheck.created = (folder, new[-1]) if new else None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.check("hydra.sweep.dir", config.hydra.sweep.dir)
@@ -101,6 +108,24 @@ class OutputFolderCheck(Callback):
             require_writable(key, folder, folder)
         except ConfigValueError as error:
             fail(error)
+
+
+def discard_refused_run_dir() -> None:
+    """Removes the folder of a single run refused for bad input, when this run created it and
+    wrote nothing there but Hydra's record (`.hydra/`, `train.log`): a typo on the command line
+    leaves no empty run behind. A folder that existed before (a resumed run) is kept."""
+    if OutputFolderCheck.created is None or not HydraConfig.initialized():
+        return
+    folder, topmost = OutputFolderCheck.created
+    if Path(HydraConfig.get().runtime.output_dir).absolute() != folder or not folder.is_dir():
+        return
+    if any(path.name not in (".hydra", "train.log") for path in folder.iterdir()):
+        return
+    shutil.rmtree(folder)
+    for parent in folder.parents:  # the date folder above, when this run made it
+        if parent == topmost.parent or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 class DivergenceError(RuntimeError):

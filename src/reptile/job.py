@@ -26,6 +26,7 @@ from reptile.cli import (
     EXIT_ERROR,
     DivergenceError,
     JobFailed,
+    discard_refused_run_dir,
     process_rank,
 )
 from reptile.config import ConfigValueError, is_int, require, require_int, require_writable
@@ -184,5 +185,7 @@ def run_job(cfg: DictConfig) -> float | None:
         if process_rank() == 0:  # DDP ranks fail alike: print once
             print(message, file=sys.stderr)
         if not is_multirun():
+            if code == EXIT_BAD_INPUT and process_rank() == 0:
+                discard_refused_run_dir()
             sys.exit(code)
         raise JobFailed(code, message.removeprefix("error: ")) from None
