@@ -146,6 +146,8 @@ class MetaLearner(pl.LightningModule):
         write: every meta-iteration counts, with no host sync in between."""
         self.loss_sums = losses if self.loss_sums is None else self.loss_sums + losses
         self.loss_count += 1
+        # Lightning's own decision to write logs at this step (the interval, or a stop); no public
+        # API exposes it, and the pinned pytorch-lightning keeps it stable.
         if not self.trainer._logger_connector.should_update_logs:
             return
         mean = self.loss_sums / self.loss_count
