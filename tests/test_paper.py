@@ -130,14 +130,10 @@ def test_machine_settings_are_not_a_different_run(tmp_path: Path) -> None:
     assert paper.check_config(run, ["seed=1"])["seed"] == 1
 
 
-@pytest.mark.slow
-def test_a_signal_to_the_runner_stops_the_run_with_a_checkpoint_and_records_it(
-    tmp_path: Path,
-) -> None:
-    """A scheduler's SIGTERM to `python -m reptile.paper` reaches train.py, which stops at a
-    checkpoint; the piece is recorded as one stopped by --hours is, and the runner exits 143."""
+def long_run(tmp_path: Path, *arguments: str) -> subprocess.Popen:
+    """The runner started on a sine run far longer than a test, checkpointed every 10 steps."""
     folder = make_paper(tmp_path)
-    long_run = {
+    long = {
         **ROWS["tiny"],
         "train": [
             *TRAIN,
@@ -146,25 +142,56 @@ def test_a_signal_to_the_runner_stops_the_run_with_a_checkpoint_and_records_it(
             "callbacks.model_checkpoint.every_n_train_steps=10",
         ],
     }
-    (folder / "rows.yaml").write_text(json.dumps({"long": long_run}))
-    with subprocess.Popen(
-        paper_command(tmp_path, "continue", "long", "threads=1"),
+    (folder / "rows.yaml").write_text(json.dumps({"long": long}))
+    return subprocess.Popen(
+        paper_command(tmp_path, "continue", "long", "threads=1", *arguments),
         cwd=tmp_path,
         env=environment(tmp_path),
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-    ) as runner:
+    )
+
+
+def recorded_piece(tmp_path: Path) -> dict:
+    """The one piece of training recorded, checked against the committed checkpoint."""
+    (piece,) = json.loads((tmp_path / "paper/long/run.json").read_text())["training"]
+    step = checkpoint(tmp_path / "paper/long/checkpoint.ckpt")["global_step"]
+    assert piece["from_step"] == 0 and piece["to_step"] == step >= 10
+    return piece
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_runner_stops_the_run_with_a_checkpoint_and_records_it(
+    tmp_path: Path,
+) -> None:
+    """A scheduler's SIGTERM to `python -m reptile.paper` reaches train.py, which stops at a
+    checkpoint; the piece is recorded as one stopped by --hours is, and the runner exits 143."""
+    with long_run(tmp_path) as runner:
         wait_for(tmp_path / "work/long/checkpoints/step10.ckpt", runner)
         runner.send_signal(signal.SIGTERM)  # to the runner alone
         _, error = runner.communicate(timeout=120)
     assert runner.returncode == 143, error[-3000:]
     assert group_ended(runner)  # train.py and its workers too
-    (piece,) = json.loads((folder / "long/run.json").read_text())["training"]
-    step = checkpoint(folder / "long/checkpoint.ckpt")["global_step"]
-    assert piece["exit_status"] == 143 and piece["from_step"] == 0
-    assert piece["to_step"] == step >= 10
+    piece = recorded_piece(tmp_path)
+    assert piece["exit_status"] == 143 and piece["stopped_by"] == "SIGTERM"
     assert error.splitlines()[-1] == (
-        f"run long interrupted by SIGTERM at meta-iteration {step:,}, recorded in "
-        f"{folder / 'long'}; continue: python -m reptile.paper continue long"
+        f"run long interrupted by SIGTERM at meta-iteration {piece['to_step']:,}, recorded in "
+        f"{tmp_path / 'paper/long'}; continue: python -m reptile.paper continue long"
     )
+
+
+@pytest.mark.slow
+def test_hours_stops_the_run_with_a_checkpoint_records_why_and_exits_zero(
+    tmp_path: Path,
+) -> None:
+    """--hours ends training by the same SIGTERM (train.py's exit status 143), which the record
+    tells apart from a scheduler's; the runner itself succeeds, ready for the next piece."""
+    with long_run(tmp_path, "--hours", "0.006") as runner:  # 21.6 s, startup included
+        _, error = runner.communicate(timeout=120)
+    assert runner.returncode == 0, error[-3000:]
+    assert group_ended(runner)
+    piece = recorded_piece(tmp_path)
+    assert piece["exit_status"] == 143 and piece["stopped_by"] == "--hours"
+    assert 21 <= piece["seconds"] < 60
+    assert not (tmp_path / "paper/long/results").exists()  # not trained to its end: no test

@@ -7,7 +7,7 @@ table rows each one fills. Every run keeps, committed under `benchmarks/paper/<r
   task distribution, length, precision), resolved, without the machine's settings;
 - `checkpoint.ckpt`: its latest checkpoint (about 1.4 MB for Omniglot), where it continues from;
 - `curve.csv`: its validation curve; `run.json`: commits, hardware and wall times of every piece of
-  training and evaluation; `results/<evaluation>.json`: the final test scores.
+  training (and what stopped it) and evaluation; `results/<evaluation>.json`: the final scores.
 
     python -m reptile.paper continue omniglot_5w [--hours H] [override ...]
 
@@ -248,12 +248,16 @@ def train_command(overrides: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *overrides]
 
 
-def run_until(command: list[str], hours: float | None, log: Path) -> tuple[int, int | None]:
-    """Runs `command`, sending it SIGTERM after `hours`; its exit status, and the SIGTERM or
-    SIGINT sent to this process meanwhile (a scheduler's, Ctrl-C), if any. Such a signal is
-    passed on: train.py stops with a checkpoint, and this process records the piece after it."""
+def run_until(
+    command: list[str], hours: float | None, log: Path
+) -> tuple[int, int | None, str | None]:
+    """Runs `command`, sending it SIGTERM after `hours`; its exit status, the SIGTERM or SIGINT
+    sent to this process meanwhile (a scheduler's, Ctrl-C), if any, and what stopped it early
+    (`--hours`, the signal's name; None: it ended by itself). Such a signal is passed on:
+    train.py stops with a checkpoint, and this process records the piece after it."""
     log.parent.mkdir(parents=True, exist_ok=True)
     received: list[int] = []
+    expired = False
 
     def pass_on(signum: int, frame: Any) -> None:
         received.append(signum)
@@ -265,12 +269,15 @@ def run_until(command: list[str], hours: float | None, log: Path) -> tuple[int, 
         try:
             process.wait(timeout=None if hours is None else hours * 3600)
         except subprocess.TimeoutExpired:
+            expired = True
             process.send_signal(signal.SIGTERM)
             process.wait()
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
-    return process.returncode, received[0] if received else None
+    signum = received[0] if received else None
+    stopped_by = signal.Signals(signum).name if signum else "--hours" if expired else None
+    return process.returncode, signum, stopped_by
 
 
 def validation_curve(run: Run) -> list[dict[str, str]]:
@@ -326,7 +333,7 @@ def continue_training(
     )
     # The code that trains is the checkout's at the start: commits made meanwhile do not count.
     started, began, code = now(), time.monotonic(), commit()
-    status, interrupted = run_until(command, hours, run.work / "train.out")
+    status, interrupted, stopped_by = run_until(command, hours, run.work / "train.out")
     end = run.last_checkpoint
     end_step = global_step(end) if end.is_file() else start_step
     record = run.record()
@@ -338,7 +345,8 @@ def continue_training(
             "seconds": round(time.monotonic() - began),
             "from_step": start_step,
             "to_step": end_step,
-            "exit_status": status,
+            "exit_status": status,  # 143 when stopped by SIGTERM, which --hours sends too
+            "stopped_by": stopped_by,
         }
     )
     if end_step > start_step:
@@ -370,7 +378,7 @@ def evaluate(run: Run, overrides: list[str]) -> None:
             ]
         )
         started, began, code = now(), time.monotonic(), commit()
-        status, interrupted = run_until(command, None, where / "eval.out")
+        status, interrupted, _ = run_until(command, None, where / "eval.out")
         if interrupted is not None:
             raise RunInterrupted(run, interrupted, f"in evaluation {name}", status)
         if status != 0:
