@@ -34,14 +34,15 @@ def hand_worked_tasks() -> dict[str, torch.Tensor]:
     }
 
 
-def train_one_meta_iteration(algorithm: Reptile, tasks: dict[str, torch.Tensor]) -> nn.Linear:
+def train_one_meta_iteration(
+    algorithm: Reptile, tasks: dict[str, torch.Tensor], meta_iterations: int = 1
+) -> nn.Linear:
     model = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(model.weight)
     module = MetaLearner(model, algorithm, loss="mse", score_after="mse_after")
-    trainer = quiet_trainer(
-        max_steps=1,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader([tasks], batch_size=None))
+    trainer = quiet_trainer(max_steps=meta_iterations)
+    loader = DataLoader([tasks] * meta_iterations, batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
     return model
 
 
@@ -71,6 +72,27 @@ def test_serial_reptile_moves_toward_the_single_task_solution() -> None:
     tasks = {key: value[:1] for key, value in hand_worked_tasks().items()}
     model = train_one_meta_iteration(hand_worked_reptile(epsilon=1.0), tasks)
     assert model.weight.item() == pytest.approx(1.5, abs=1e-7)
+
+
+def test_outer_adam_is_fed_phi_minus_mean_w_as_its_gradient() -> None:
+    """Three meta-iterations on the tasks above with outer Adam (lr 0.1, constant): φ follows
+    Adam written out, fed g = φ − mean W_i, each W_i from the inner SGD steps written out (the
+    gradient of mean((w·x − s·x)²) over x = 1, 2 is 5·(w − s))."""
+    algorithm = dataclasses.replace(hand_worked_reptile(epsilon=0.1), outer_optimizer="adam")
+    model = train_one_meta_iteration(algorithm, hand_worked_tasks(), meta_iterations=3)
+    (beta1, beta2), phi, m, v = algorithm.outer_betas, 0.0, 0.0, 0.0
+    for t in range(1, 4):
+        adapted = []
+        for slope in (2.0, -1.0):
+            w = phi
+            for _ in range(2):
+                w -= 0.1 * 5 * (w - slope)
+            adapted.append(w)
+        g = phi - sum(adapted) / 2
+        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g**2
+        phi -= 0.1 * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)) ** 0.5 + 1e-8)
+    assert model.weight.item() == pytest.approx(phi, abs=1e-6)
+    assert phi == pytest.approx(0.3, abs=0.01)  # three Adam steps of about lr each
 
 
 def test_meta_lr_is_annealed_linearly() -> None:
