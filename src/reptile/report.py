@@ -238,7 +238,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--y", help="metric from results.json (default: the *_after score)")
     parser.add_argument(
         "--hue",
-        help="config key or group: one line / table column per value; none: no hue",
+        help="config key or group, or job: one line / table column per value; none: no hue",
     )
     return parser
 
