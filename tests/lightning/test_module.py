@@ -34,7 +34,7 @@ def hand_worked_tasks() -> dict[str, torch.Tensor]:
     }
 
 
-def train_one_meta_iteration(
+def train_from_zero(
     algorithm: Reptile, tasks: dict[str, torch.Tensor], meta_iterations: int = 1
 ) -> nn.Linear:
     model = nn.Linear(1, 1, bias=False)
@@ -63,14 +63,14 @@ def test_reptile_update_equals_hand_computation() -> None:
     slope 2:  grad −10 → w = 1;    grad −5  → w = 1.5
     slope −1: grad  5  → w = −0.5; grad 2.5 → w = −0.75
     mean W = 0.375; φ ← 0 + ε·(0.375 − 0) = 0.1875 with ε = 0.5."""
-    model = train_one_meta_iteration(hand_worked_reptile(epsilon=0.5), hand_worked_tasks())
+    model = train_from_zero(hand_worked_reptile(epsilon=0.5), hand_worked_tasks())
     assert model.weight.item() == pytest.approx(0.1875, abs=1e-7)
 
 
 def test_serial_reptile_moves_toward_the_single_task_solution() -> None:
     """n = 1, ε = 1: φ becomes W itself, 1.5 for the slope-2 task above."""
     tasks = {key: value[:1] for key, value in hand_worked_tasks().items()}
-    model = train_one_meta_iteration(hand_worked_reptile(epsilon=1.0), tasks)
+    model = train_from_zero(hand_worked_reptile(epsilon=1.0), tasks)
     assert model.weight.item() == pytest.approx(1.5, abs=1e-7)
 
 
@@ -79,7 +79,7 @@ def test_outer_adam_is_fed_phi_minus_mean_w_as_its_gradient() -> None:
     Adam written out, fed g = φ − mean W_i, each W_i from the inner SGD steps written out (the
     gradient of mean((w·x − s·x)²) over x = 1, 2 is 5·(w − s))."""
     algorithm = dataclasses.replace(hand_worked_reptile(epsilon=0.1), outer_optimizer="adam")
-    model = train_one_meta_iteration(algorithm, hand_worked_tasks(), meta_iterations=3)
+    model = train_from_zero(algorithm, hand_worked_tasks(), meta_iterations=3)
     (beta1, beta2), phi, m, v = algorithm.outer_betas, 0.0, 0.0, 0.0
     for t in range(1, 4):
         adapted = []
