@@ -99,10 +99,28 @@ class MetaIterationBar(TQDMProgressBar):
         super().on_train_start(trainer, pl_module)
         if pl_module.device.type != "cpu":
             self._refresh_rate = max(self._refresh_rate, trainer.log_every_n_steps)
+        if trainer.fit_loop.restarted_mid_epoch:
+            # Lightning skips on_train_epoch_start then, and every resume is mid-epoch here.
+            self._count_meta_iterations(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description("meta-iterations")
+        self._count_meta_iterations(trainer)
+
+    def _count_meta_iterations(self, trainer: pl.Trainer) -> None:
+        """Counts meta-iterations up to `max_steps` from where this process starts, so that its
+        rate and time left are this process's."""
+        bar = self.train_progress_bar
+        bar.total = trainer.max_steps
+        bar.initial = bar.n = trainer.global_step
+        bar.set_description("meta-iterations")
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, _: int
+    ) -> None:
+        # Lightning shows the batch's index in its epoch; a resumed run has two epochs (see
+        # conf/trainer's reload_dataloaders_every_n_epochs), so the meta-iteration is shown.
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
