@@ -52,6 +52,7 @@ def test_a_resumed_runs_bar_counts_meta_iterations_from_the_checkpoint_to_max_st
         learner = MetaLearner(MLP(hidden=(8,)), Reptile(inner_steps=1, inner_batch_size=5), "mse")
         data = TaskDataModule(SineWaves(meta_batch_size=2, num_val_tasks=0))
         trainer = quiet_trainer(
+            accelerator="cpu",  # on a GPU the bar refreshes every log_every_n_steps only
             max_steps=6,
             callbacks=callbacks,
             enable_progress_bar=True,
