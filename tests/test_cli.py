@@ -41,3 +41,21 @@ def test_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None
     for amx, precision in ((True, "bf16-mixed"), (False, "32-true")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         assert cli.fastest_precision() == precision
+
+
+def test_precision_follows_the_configured_accelerator_not_the_machines_gpu(
+    monkeypatch: pytest.MonkeyPatch, compose
+) -> None:
+    """A bf16 GPU beside a CPU without AMX: a preset trained on that CPU stays in float32."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    precision = {
+        trainer: compose("experiment=omniglot_5w1s", f"trainer={trainer}").trainer.precision
+        for trainer in ("default", "ddp", "ddp_cpu")
+    }
+    assert precision == {"default": "bf16-mixed", "ddp": "bf16-mixed", "ddp_cpu": "32-true"}
+    cpu = compose("experiment=omniglot_5w1s", "trainer.accelerator=cpu").trainer.precision
+    assert cpu == "32-true"
