@@ -117,6 +117,14 @@ def test_multirun_gives_each_job_its_directory_and_results(tmp_path: Path) -> No
         ),
         ("model.activation=gelu", "model.activation='gelu': expected one of relu, tanh"),
         ("trainer.max_steps=0", "trainer.max_steps=0: expected an integer >= 1"),
+        (
+            "trainer.precision=16-mixed",
+            "trainer.precision='16-mixed': expected 32-true or bf16-mixed",
+        ),
+        (
+            "trainer.precision=bf16-true",
+            "trainer.precision='bf16-true': expected 32-true or bf16-mixed",
+        ),
         ("seed=-1", "seed=-1: expected an integer >= 0"),
     ],
 )

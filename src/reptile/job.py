@@ -75,6 +75,15 @@ def check_run_settings(cfg: DictConfig, ckpt_path: str | None) -> None:
         require_int("threads", cfg.threads, 1)
     require_int("trainer.max_steps", cfg.trainer.max_steps, 1 if cfg.train else 0)
     require(cfg.train or ckpt_path, "ckpt_path", cfg.ckpt_path, "a checkpoint when train=false")
+    # φ and the optimizer states stay float32. float16 needs Lightning's loss scaling, whose
+    # optimizer step expects gradients of a scaled backward pass: the meta-gradient is none.
+    precision = cfg.trainer.get("precision", "32-true")
+    require(
+        str(precision) in ("32-true", "32", "bf16-mixed"),
+        "trainer.precision",
+        precision,
+        "32-true or bf16-mixed",
+    )
 
 
 def check_folders(cfg: DictConfig) -> None:
