@@ -4,10 +4,16 @@ Exit codes (`reptile/cli.py`): 0 done, 1 unexpected error, 2 bad input, 3 diverg
 stopped by SIGINT / SIGTERM (a checkpoint is saved and the resume command printed).
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from reptile.cli import reporting_interruption, stop_request  # also registers the resolvers
+from reptile.cli import (  # also registers the resolvers
+    reporting_config_errors,
+    reporting_interruption,
+    stop_request,
+)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -20,4 +26,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    with reporting_config_errors(Path(__file__).parent / "conf"):
+        main()

@@ -1,5 +1,5 @@
-"""The config resolvers of `reptile.cli` that depend on the machine: the GPU of a sweep's job,
-and the default precision."""
+"""`reptile.cli`: the config resolvers that depend on the machine (the GPU of a sweep's job, the
+default precision), and Hydra's composition errors as one line."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 from hydra.types import RunMode
+from train_process import ROOT
 
 from reptile import cli
+
+CONF = ROOT / "conf"
 
 
 @pytest.fixture
@@ -59,3 +62,40 @@ def test_precision_follows_the_configured_accelerator_not_the_machines_gpu(
     assert precision == {"default": "bf16-mixed", "ddp": "bf16-mixed", "ddp_cpu": "32-true"}
     cpu = compose("experiment=omniglot_5w1s", "trainer.accelerator=cpu").trainer.precision
     assert cpu == "32-true"
+
+
+def composition_error(compose, *overrides: str) -> str:
+    """The line for the error Hydra raises composing `overrides`, as train.py would print it."""
+    with pytest.raises(Exception) as error:
+        compose(*overrides)
+    return cli.composition_error(error.value, list(overrides), CONF)
+
+
+def test_a_key_the_config_lacks_is_named_with_the_closest_and_every_key_there(compose) -> None:
+    # The keys listed are those of the config composed with the same group choices.
+    maml_keys = [k for k in compose("algorithm=maml").algorithm if not k.startswith("_")]
+    assert "task_chunk_size" in maml_keys  # MAML's own: the choice is honoured
+    assert composition_error(compose, "algorithm=maml", "algorithm.inner_step=3") == (
+        "algorithm.inner_step=3: algorithm has no key inner_step (did you mean inner_steps?); "
+        f"its keys: {', '.join(sorted(maml_keys))}; +algorithm.inner_step=3 adds it"
+    )
+    top = sorted(k for k in compose() if not k.startswith("_"))
+    assert composition_error(compose, "epsilon=0.5") == (
+        f"epsilon=0.5: the config has no key epsilon; its keys: {', '.join(top)}; "
+        "+epsilon=0.5 adds it"
+    )
+
+
+def test_a_missing_group_option_lists_the_groups_options(compose) -> None:
+    assert composition_error(compose, "dataset=omniglott") == (
+        "dataset=omniglott: expected one of imagefolder, miniimagenet, omniglot, sine"
+    )
+
+
+def test_an_override_hydra_cannot_parse_is_named(compose) -> None:
+    line = composition_error(compose, "seed=1", "model.hidden=[40,40")
+    assert line.startswith(
+        "model.hidden=[40,40: expected an override Hydra can parse (no viable alternative at "
+        "input '[40,40'; See https://hydra.cc/"
+    )
+    assert "\n" not in line

@@ -154,6 +154,30 @@ def test_bad_input_exits_nonzero_before_training_with_one_line(tmp_path: Path) -
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (
+            ["trainer.max_step=5"],
+            "error: trainer.max_step=5: trainer has no key max_step (did you mean max_steps?); ",
+        ),
+        (["-m", "dataset=sine,omniglott"], "error: dataset=sine,omniglott: expected one of "),
+    ],
+)
+def test_hydras_composition_errors_are_one_line_and_bad_inputs_exit_code(
+    tmp_path: Path, overrides: list[str], line: str
+) -> None:
+    result = run(tmp_path, *overrides)
+    assert result.returncode == 2
+    (printed,) = result.stderr.strip().splitlines()
+    assert printed.startswith(line)
+    assert not (tmp_path / "outputs").exists()
+    # HYDRA_FULL_ERROR=1 asks for Hydra's own report, with its exit code.
+    hydras = run(tmp_path, *overrides, env=environment(tmp_path) | {"HYDRA_FULL_ERROR": "1"})
+    assert hydras.returncode == 1 and "Traceback" in hydras.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
     ("override", "key"),
     [
         ("algorithm.inner_steps=0", "algorithm.inner_steps"),

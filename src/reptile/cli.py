@@ -1,15 +1,18 @@
 """What `train.py` sets up before torch and Lightning are imported: the config resolvers, the
-output-folder check, stopping on a signal, and the exit codes of failures.
+output-folder check, Hydra's composition errors as one line, stopping on a signal, and the exit
+codes of failures.
 
 Exit codes: 0 done; 1 an unexpected error (a traceback); 2 bad input, found before training (a
-config value, a file, a folder, W&B settings): one line naming it; 3 training diverged; 128 + the
-signal's number when stopped by a signal (130 SIGINT, 143 SIGTERM). A multirun exits with the
-largest code of its jobs.
+config value, an override Hydra cannot compose, a file, a folder, W&B settings): one line naming
+it; 3 training diverged; 128 + the signal's number when stopped by a signal (130 SIGINT, 143
+SIGTERM). A multirun exits with the largest code of its jobs.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -81,9 +84,91 @@ OmegaConf.register_new_resolver("gpu_count", gpu_count, replace=True)
 OmegaConf.register_new_resolver("job_gpu", job_gpu, replace=True)
 
 
-def fail(error: ConfigValueError) -> NoReturn:
+def fail(error: ConfigValueError | str) -> NoReturn:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+
+
+@contextmanager
+def reporting_config_errors(config_dir: Path) -> Iterator[None]:
+    """Hydra's composition errors (a key the config does not have, a group option that does not
+    exist, an override it cannot parse) as one line and exit code 2, like every other bad input;
+    Hydra itself prints several lines and exits 1. HYDRA_FULL_ERROR=1 keeps Hydra's reports."""
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
+
+    hydras_reports = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them
+    try:
+        yield
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException) as error:
+        if hydras_reports:
+            raise
+        overrides = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")]
+        fail(composition_error(error, overrides, config_dir))
+
+
+def override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def composition_error(error: Exception, overrides: list[str], config_dir: Path) -> str:
+    """The line for Hydra's `error` while composing the config of `overrides`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
+
+    full_key = getattr(error.__cause__, "full_key", None)
+    if full_key:  # an override of a key the config does not have
+        override = next((o for o in overrides if override_key(o) == full_key), full_key)
+        node, _, name = full_key.rpartition(".")
+        keys = config_keys(node, [o for o in overrides if o != override], config_dir)
+        owner = node or "the config"
+        close = difflib.get_close_matches(name, keys, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        listed = f"; its keys: {', '.join(keys)}" if keys else ""
+        return f"{override}: {owner} has no key {name}{hint}{listed}; +{override} adds it"
+    message = str(error)
+    missing = re.match(r"In '.*': Could not find '(.+)/([^/']+)'", message)
+    options = re.findall(r"^\t(\S+)$", message.partition("Config search path")[0], re.M)
+    if missing and options:  # a group option that does not exist
+        group, option = missing.groups()
+        override = next((o for o in overrides if override_key(o) == group), f"{group}={option}")
+        return f"{override}: expected one of {', '.join(options)}"
+    if isinstance(error, OverrideParseException):
+        parser = OverridesParser.create()
+        for override in overrides:
+            try:
+                parser.parse_override(override)
+            except HydraException:
+                return f"{override}: expected an override Hydra can parse ({one_line(message)})"
+    return one_line(message)
+
+
+def one_line(message: str) -> str:
+    """Hydra's lines joined, without the config search path it appends to some."""
+    lines = message.partition("Config search path")[0].splitlines()
+    return "; ".join(line.strip().rstrip(".") for line in lines if line.strip())
+
+
+def config_keys(node: str, overrides: list[str], config_dir: Path) -> list[str]:
+    """The keys of `node` in the config of `overrides`' group choices (a sweep's first); none
+    where that config cannot be composed either."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    choices = [o.split(",")[0] for o in overrides if "." not in override_key(o)]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            config = compose("train", overrides=choices)
+        found = OmegaConf.select(config, node) if node else config
+    except Exception:  # the error reported is the one already found
+        return []
+    keys = found if isinstance(found, DictConfig) else []
+    return sorted(str(key) for key in keys if not str(key).startswith("_"))  # not _target_
 
 
 class OutputFolderCheck(Callback):
