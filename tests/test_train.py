@@ -136,6 +136,38 @@ def test_bad_input_is_one_line_naming_key_value_and_accepted(
     assert str(error.value) == message
 
 
+@pytest.mark.parametrize("trainer", ["ddp", "gpu_per_job"])
+def test_a_gpu_trainer_on_a_machine_without_gpus_is_bad_input(
+    compose, monkeypatch: pytest.MonkeyPatch, trainer: str
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigValueError) as error:
+        build(compose(f"trainer={trainer}", "logger=none"))
+    assert str(error.value) == (
+        "trainer.accelerator='gpu': expected cpu or auto: this machine has no CUDA GPU "
+        "(trainer=ddp_cpu runs DDP in CPU processes)"
+    )
+
+
+def test_more_gpus_than_the_machine_has_is_bad_input(
+    compose, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    # Checked before Lightning looks for the GPUs: none is touched.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigValueError) as error:
+        build(
+            compose("trainer=ddp", "trainer.devices=4", "dataset.meta_batch_size=4", "logger=none")
+        )
+    assert str(error.value) == (
+        "trainer.devices=4: expected at most 2, the GPUs of this machine, or -1 for all of them"
+    )
+
+
 @pytest.mark.slow
 def test_bad_input_exits_nonzero_before_training_with_one_line(tmp_path: Path) -> None:
     result = run(tmp_path, "algorithm.inner_steps=0", "hydra.run.dir=outputs/day/time")

@@ -133,7 +133,27 @@ def instantiate_logger(cfg: DictConfig, name: str, job: Job) -> Any:
     return logger
 
 
+def check_devices(trainer: DictConfig) -> None:
+    """The GPUs the trainer config asks for are on this machine. Checked in the job's own process
+    (not by the sweep's check of every job first): a SLURM sweep is launched from a login node
+    without GPUs."""
+    if trainer.get("accelerator") not in ("gpu", "cuda"):
+        return
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    require(
+        gpus > 0,
+        "trainer.accelerator",
+        trainer.accelerator,
+        "cpu or auto: this machine has no CUDA GPU (trainer=ddp_cpu runs DDP in CPU processes)",
+    )
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        accepted = f"at most {gpus}, the GPUs of this machine, or -1 for all of them"
+        require(devices <= gpus, "trainer.devices", devices, accepted)
+
+
 def make_trainer(cfg: DictConfig, job: Job) -> pl.Trainer:
+    check_devices(cfg.trainer)
     check_wandb_online(cfg)
     loggers = [instantiate_logger(cfg, name, job) for name in cfg.get("logger") or {}]
     trainer = instantiate_group(
