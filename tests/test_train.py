@@ -118,6 +118,19 @@ def test_multirun_gives_each_job_its_directory_and_results(tmp_path: Path) -> No
         ("model.activation=gelu", "model.activation='gelu': expected one of relu, tanh"),
         ("trainer.max_steps=0", "trainer.max_steps=0: expected an integer >= 1"),
         (
+            "trainer.val_check_interval=0",
+            "trainer.val_check_interval=0: expected an integer >= 1",
+        ),
+        (
+            "trainer.val_check_interval=0.5",
+            "trainer.val_check_interval=0.5: expected an integer >= 1",
+        ),
+        (
+            "trainer.devices=0",
+            "trainer.devices=0: expected an integer >= 1, -1 (every GPU), auto or a list of GPU "
+            "indices",
+        ),
+        (
             "trainer.precision=16-mixed",
             "trainer.precision='16-mixed': expected 32-true or bf16-mixed",
         ),

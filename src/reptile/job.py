@@ -74,6 +74,12 @@ def check_run_settings(cfg: DictConfig, ckpt_path: str | None) -> None:
     if cfg.get("threads") is not None:
         require_int("threads", cfg.threads, 1)
     require_int("trainer.max_steps", cfg.trainer.max_steps, 1 if cfg.train else 0)
+    if cfg.trainer.get("val_check_interval") is not None:  # counted in meta-iterations
+        require_int("trainer.val_check_interval", cfg.trainer.val_check_interval, 1)
+    devices = cfg.trainer.get("devices")
+    if is_int(devices):
+        accepted = "an integer >= 1, -1 (every GPU), auto or a list of GPU indices"
+        require(devices >= 1 or devices == -1, "trainer.devices", devices, accepted)
     require(cfg.train or ckpt_path, "ckpt_path", cfg.ckpt_path, "a checkpoint when train=false")
     # φ and the optimizer states stay float32. float16 needs Lightning's loss scaling, whose
     # optimizer step expects gradients of a scaled backward pass: the meta-gradient is none.
