@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,17 @@ def test_bad_input_is_one_line_naming_key_value_and_accepted(
     with pytest.raises(ConfigValueError) as error:
         build(compose(override, "logger=none"))
     assert str(error.value) == message
+
+
+def test_no_validation_tasks_is_no_validation_loop_and_no_warning(compose) -> None:
+    datamodule, module, trainer = build(
+        compose("dataset.num_val_tasks=0", "trainer.max_steps=2", "logger=none", "test=false")
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2 and not trainer.num_val_batches
+    assert not [w for w in caught if "DataLoader" in str(w.message)], caught
 
 
 @pytest.mark.parametrize("trainer", ["ddp", "gpu_per_job"])

@@ -156,9 +156,14 @@ def make_trainer(cfg: DictConfig, job: Job) -> pl.Trainer:
     check_devices(cfg.trainer)
     check_wandb_online(cfg)
     loggers = [instantiate_logger(cfg, name, job) for name in cfg.get("logger") or {}]
+    # No validation tasks: no validation loop either (else Lightning warns of an empty loader).
+    no_validation = (
+        {"limit_val_batches": 0} if not job.datamodule.tasks.num_eval_tasks["val"] else {}
+    )
     trainer = instantiate_group(
         cfg,
         "trainer",
+        **no_validation,
         logger=loggers or False,
         callbacks=[*job.callbacks, ResumeState(), StopOnSignal(), LogConfig()],
         plugins=[AtomicCheckpointIO()],
