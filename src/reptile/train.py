@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from reptile.config import ConfigValueError, require
+from reptile.config import ConfigValueError, is_int, require
 from reptile.job import Parts, check_parts, check_world_size, exit_code, instantiate_group
 from reptile.lightning.callbacks import (
     AtomicCheckpointIO,
@@ -147,7 +147,7 @@ def check_devices(trainer: DictConfig) -> None:
         "cpu or auto: this machine has no CUDA GPU (trainer=ddp_cpu runs DDP in CPU processes)",
     )
     devices = trainer.get("devices")
-    if isinstance(devices, int) and not isinstance(devices, bool):
+    if is_int(devices):
         accepted = f"at most {gpus}, the GPUs of this machine, or -1 for all of them"
         require(devices <= gpus, "trainer.devices", devices, accepted)
 
