@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 from train_process import ROOT
 
 from reptile import cli
@@ -76,14 +77,46 @@ def test_a_key_the_config_lacks_is_named_with_the_closest_and_every_key_there(co
     maml_keys = [k for k in compose("algorithm=maml").algorithm if not k.startswith("_")]
     assert "task_chunk_size" in maml_keys  # MAML's own: the choice is honoured
     assert composition_error(compose, "algorithm=maml", "algorithm.inner_step=3") == (
-        "algorithm.inner_step=3: algorithm has no key inner_step (did you mean inner_steps?); "
+        "algorithm.inner_step=3: algorithm has no key inner_step "
+        "(did you mean algorithm.inner_steps?); "
         f"its keys: {', '.join(sorted(maml_keys))}; +algorithm.inner_step=3 adds it"
     )
     top = sorted(k for k in compose() if not k.startswith("_"))
-    assert composition_error(compose, "epsilon=0.5") == (
-        f"epsilon=0.5: the config has no key epsilon; its keys: {', '.join(top)}; "
-        "+epsilon=0.5 adds it"
+    assert composition_error(compose, "learning_rat=0.5") == (
+        f"learning_rat=0.5: the config has no key learning_rat; its keys: {', '.join(top)}; "
+        "+learning_rat=0.5 adds it"
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "meant"),
+    [
+        ("algorithm.k=10", "algorithm.inner_steps"),  # the paper's symbols
+        ("algorithm.epsilon=0.1", "algorithm.meta_lr"),
+        ("dataset.n=10", "dataset.meta_batch_size"),
+        ("algorithm.meta-step=0.1", "algorithm.meta_lr"),  # supervised-reptile's --meta-step
+        ("meta_iters=100", "trainer.max_steps"),  # its --meta-iters, at the top level
+        ("algorithm.meta_batch_size=10", "dataset.meta_batch_size"),  # the key of another group
+        ("model.seed=1", "seed or dataset.seed"),  # every key of that name
+    ],
+)
+def test_a_key_under_another_name_or_in_another_group_is_pointed_at(
+    compose, override: str, meant: str
+) -> None:
+    line = composition_error(compose, "experiment=omniglot_5w1s", override)
+    assert f" (did you mean {meant}?); its keys: " in line
+    config = compose("experiment=omniglot_5w1s")
+    for key in meant.split(" or "):  # a key the config has
+        assert OmegaConf.select(config, key, default=KeyError) is not KeyError
+
+
+def test_a_key_error_whose_config_cannot_be_composed_again_is_still_one_line() -> None:
+    cause = KeyError("k")
+    cause.full_key = "algorithm.k"  # as omegaconf's errors name the key
+    error = Exception("Could not override 'algorithm.k'")
+    error.__cause__ = cause
+    line = cli.composition_error(error, ["dataset=omniglott", "algorithm.k=3"], CONF)
+    assert line == "algorithm.k=3: algorithm has no key k; +algorithm.k=3 adds it"
 
 
 def test_a_missing_group_option_lists_the_groups_options(compose) -> None:

@@ -215,7 +215,8 @@ def test_bad_input_exits_nonzero_before_training_with_one_line(tmp_path: Path) -
     [
         (
             ["trainer.max_step=5"],
-            "error: trainer.max_step=5: trainer has no key max_step (did you mean max_steps?); ",
+            "error: trainer.max_step=5: trainer has no key max_step "
+            "(did you mean trainer.max_steps?); ",
         ),
         (["-m", "dataset=sine,omniglott"], "error: dataset=sine,omniglott: expected one of "),
     ],

@@ -115,6 +115,25 @@ def override_key(override: str) -> str:
     return override.partition("=")[0].lstrip("+~")
 
 
+# The paper's symbols and openai/supervised-reptile's flags (`--meta-step`), each with the key it
+# names here: an override written in them is answered with that key.
+KNOWN_AS = {
+    "k": "algorithm.inner_steps",
+    "inner_iters": "algorithm.inner_steps",
+    "epsilon": "algorithm.meta_lr",
+    "meta_step": "algorithm.meta_lr",
+    "meta_step_final": "algorithm.meta_lr_final",
+    "learning_rate": "algorithm.inner_lr",
+    "inner_batch": "algorithm.inner_batch_size",
+    "eval_iters": "algorithm.eval_inner_steps",
+    "eval_batch": "algorithm.eval_batch_size",
+    "n": "dataset.meta_batch_size",
+    "meta_batch": "dataset.meta_batch_size",
+    "meta_iters": "trainer.max_steps",
+    "classes": "dataset.ways",
+}
+
+
 def composition_error(error: Exception, overrides: list[str], config_dir: Path) -> str:
     """The line for Hydra's `error` while composing the config of `overrides`."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -124,11 +143,17 @@ def composition_error(error: Exception, overrides: list[str], config_dir: Path) 
     if full_key:  # an override of a key the config does not have
         override = next((o for o in overrides if override_key(o) == full_key), full_key)
         node, _, name = full_key.rpartition(".")
-        keys = config_keys(node, [o for o in overrides if o != override], config_dir)
-        owner = node or "the config"
-        close = difflib.get_close_matches(name, keys, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        config = composed([o for o in overrides if o != override], config_dir)
+        found = OmegaConf.select(config, node) if node and config is not None else config
+        keys = (
+            sorted(str(key) for key in found if not str(key).startswith("_"))
+            if isinstance(found, DictConfig)
+            else []
+        )  # not _target_
+        close = meant_key(node, name, keys, config)
+        hint = f" (did you mean {close}?)" if close else ""
         listed = f"; its keys: {', '.join(keys)}" if keys else ""
+        owner = node or "the config"
         return f"{override}: {owner} has no key {name}{hint}{listed}; +{override} adds it"
     message = str(error)
     missing = re.match(r"In '.*': Could not find '(.+)/([^/']+)'", message)
@@ -153,9 +178,9 @@ def one_line(message: str) -> str:
     return "; ".join(line.strip().rstrip(".") for line in lines if line.strip())
 
 
-def config_keys(node: str, overrides: list[str], config_dir: Path) -> list[str]:
-    """The keys of `node` in the config of `overrides`' group choices (a sweep's first); none
-    where that config cannot be composed either."""
+def composed(overrides: list[str], config_dir: Path) -> DictConfig | None:
+    """The config of `overrides`' group choices (a sweep's first); None where that config cannot
+    be composed either."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -163,12 +188,37 @@ def config_keys(node: str, overrides: list[str], config_dir: Path) -> list[str]:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            config = compose("train", overrides=choices)
-        found = OmegaConf.select(config, node) if node else config
+            return compose("train", overrides=choices)
     except Exception:  # the error reported is the one already found
-        return []
-    keys = found if isinstance(found, DictConfig) else []
-    return sorted(str(key) for key in keys if not str(key).startswith("_"))  # not _target_
+        return None
+
+
+def meant_key(node: str, name: str, keys: list[str], config: DictConfig | None) -> str | None:
+    """The key an override of `node.name` most likely means: the one `name` is known as (the
+    paper's k, ε as epsilon), a key of that name elsewhere (`dataset.meta_batch_size` for
+    `algorithm.meta_batch_size`), or the closest spelling among `node`'s `keys`."""
+    if config is None:
+        return None
+    everywhere = list(key_paths(OmegaConf.to_container(config, resolve=False)))
+    known = KNOWN_AS.get(name.lower().replace("-", "_"))
+    if known in everywhere:
+        return known
+    elsewhere = [key for key in everywhere if key.rpartition(".")[2] == name]
+    if elsewhere:
+        return " or ".join(elsewhere)
+    close = difflib.get_close_matches(name, keys, n=1)
+    if not close:
+        return None
+    return f"{node}.{close[0]}" if node else close[0]
+
+
+def key_paths(tree: Any, prefix: str = "") -> Iterator[str]:
+    """The dotted path of every key in a config's nested dictionaries, nodes and leaves."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            path = f"{prefix}{key}"
+            yield path
+            yield from key_paths(value, f"{path}.")
 
 
 class OutputFolderCheck(Callback):
