@@ -91,9 +91,13 @@ def test_a_key_the_config_lacks_is_named_with_the_closest_and_every_key_there(co
 @pytest.mark.parametrize(
     ("override", "meant"),
     [
-        ("algorithm.k=10", "algorithm.inner_steps"),  # the paper's symbols
+        ("algorithm.k=10", "algorithm.inner_steps or dataset.shots"),  # the paper's symbols
+        (
+            "dataset.k=10",
+            "dataset.shots or algorithm.inner_steps",
+        ),  # few-shot's K, the node's first
+        ("dataset.n=10", "dataset.meta_batch_size or dataset.ways"),
         ("algorithm.epsilon=0.1", "algorithm.meta_lr"),
-        ("dataset.n=10", "dataset.meta_batch_size"),
         ("algorithm.meta-step=0.1", "algorithm.meta_lr"),  # supervised-reptile's --meta-step
         ("meta_iters=100", "trainer.max_steps"),  # its --meta-iters, at the top level
         ("algorithm.meta_batch_size=10", "dataset.meta_batch_size"),  # the key of another group

@@ -115,22 +115,23 @@ def override_key(override: str) -> str:
     return override.partition("=")[0].lstrip("+~")
 
 
-# The paper's symbols and openai/supervised-reptile's flags (`--meta-step`), each with the key it
-# names here: an override written in them is answered with that key.
+# The paper's symbols (k inner steps, ε, n tasks a meta-iteration; and few-shot's N-way K-shot)
+# and openai/supervised-reptile's flags (`--meta-step`), each with the keys it may name here: an
+# override written in them is answered with those keys.
 KNOWN_AS = {
-    "k": "algorithm.inner_steps",
-    "inner_iters": "algorithm.inner_steps",
-    "epsilon": "algorithm.meta_lr",
-    "meta_step": "algorithm.meta_lr",
-    "meta_step_final": "algorithm.meta_lr_final",
-    "learning_rate": "algorithm.inner_lr",
-    "inner_batch": "algorithm.inner_batch_size",
-    "eval_iters": "algorithm.eval_inner_steps",
-    "eval_batch": "algorithm.eval_batch_size",
-    "n": "dataset.meta_batch_size",
-    "meta_batch": "dataset.meta_batch_size",
-    "meta_iters": "trainer.max_steps",
-    "classes": "dataset.ways",
+    "k": ("algorithm.inner_steps", "dataset.shots"),
+    "n": ("dataset.meta_batch_size", "dataset.ways"),
+    "epsilon": ("algorithm.meta_lr",),
+    "inner_iters": ("algorithm.inner_steps",),
+    "meta_step": ("algorithm.meta_lr",),
+    "meta_step_final": ("algorithm.meta_lr_final",),
+    "learning_rate": ("algorithm.inner_lr",),
+    "inner_batch": ("algorithm.inner_batch_size",),
+    "eval_iters": ("algorithm.eval_inner_steps",),
+    "eval_batch": ("algorithm.eval_batch_size",),
+    "meta_batch": ("dataset.meta_batch_size",),
+    "meta_iters": ("trainer.max_steps",),
+    "classes": ("dataset.ways",),
 }
 
 
@@ -150,7 +151,7 @@ def composition_error(error: Exception, overrides: list[str], config_dir: Path) 
             if isinstance(found, DictConfig)
             else []
         )  # not _target_
-        close = meant_key(node, name, keys, config)
+        close = meant_keys(node, name, keys, config)
         hint = f" (did you mean {close}?)" if close else ""
         listed = f"; its keys: {', '.join(keys)}" if keys else ""
         owner = node or "the config"
@@ -193,19 +194,17 @@ def composed(overrides: list[str], config_dir: Path) -> DictConfig | None:
         return None
 
 
-def meant_key(node: str, name: str, keys: list[str], config: DictConfig | None) -> str | None:
-    """The key an override of `node.name` most likely means: the one `name` is known as (the
-    paper's k, ε as epsilon), a key of that name elsewhere (`dataset.meta_batch_size` for
-    `algorithm.meta_batch_size`), or the closest spelling among `node`'s `keys`."""
+def meant_keys(node: str, name: str, keys: list[str], config: DictConfig | None) -> str | None:
+    """The keys an override of `node.name` most likely means: those `name` is known as (the
+    paper's k, ε as epsilon), else the keys of that name elsewhere (`dataset.meta_batch_size` for
+    `algorithm.meta_batch_size`), else the closest spelling among `node`'s `keys`."""
     if config is None:
         return None
     everywhere = list(key_paths(OmegaConf.to_container(config, resolve=False)))
-    known = KNOWN_AS.get(name.lower().replace("-", "_"))
-    if known in everywhere:
-        return known
-    elsewhere = [key for key in everywhere if key.rpartition(".")[2] == name]
-    if elsewhere:
-        return " or ".join(elsewhere)
+    known = [key for key in KNOWN_AS.get(name.lower().replace("-", "_"), ()) if key in everywhere]
+    elsewhere = known or [key for key in everywhere if key.rpartition(".")[2] == name]
+    if elsewhere:  # those in `node` first
+        return " or ".join(sorted(elsewhere, key=lambda key: key.rpartition(".")[0] != node))
     close = difflib.get_close_matches(name, keys, n=1)
     if not close:
         return None
