@@ -92,10 +92,8 @@ def test_a_key_the_config_lacks_is_named_with_the_closest_and_every_key_there(co
     ("override", "meant"),
     [
         ("algorithm.k=10", "algorithm.inner_steps or dataset.shots"),  # the paper's symbols
-        (
-            "dataset.k=10",
-            "dataset.shots or algorithm.inner_steps",
-        ),  # few-shot's K, the node's first
+        # few-shot's K shots: the node's own key first
+        ("dataset.k=10", "dataset.shots or algorithm.inner_steps"),
         ("dataset.n=10", "dataset.meta_batch_size or dataset.ways"),
         ("algorithm.epsilon=0.1", "algorithm.meta_lr"),
         ("algorithm.meta-step=0.1", "algorithm.meta_lr"),  # supervised-reptile's --meta-step

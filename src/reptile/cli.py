@@ -146,11 +146,8 @@ def composition_error(error: Exception, overrides: list[str], config_dir: Path) 
         node, _, name = full_key.rpartition(".")
         config = composed([o for o in overrides if o != override], config_dir)
         found = OmegaConf.select(config, node) if node and config is not None else config
-        keys = (
-            sorted(str(key) for key in found if not str(key).startswith("_"))
-            if isinstance(found, DictConfig)
-            else []
-        )  # not _target_
+        names = found if isinstance(found, DictConfig) else []
+        keys = sorted(str(key) for key in names if not str(key).startswith("_"))  # not _target_
         close = meant_keys(node, name, keys, config)
         hint = f" (did you mean {close}?)" if close else ""
         listed = f"; its keys: {', '.join(keys)}" if keys else ""
