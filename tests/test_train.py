@@ -150,6 +150,107 @@ def test_bad_input_is_one_line_naming_key_value_and_accepted(
     assert str(error.value) == message
 
 
+def keys_of(node) -> str:
+    return ", ".join(sorted(key for key in node if not key.startswith("_")))
+
+
+def test_a_key_its_target_takes_no_argument_for_is_one_line_with_the_nodes_keys(compose) -> None:
+    """Added by mistake, or one that only another option of the group has (sine has no ways)."""
+    for override, name, hint in (
+        ("+dataset.shotz=1", "shotz", " (did you mean dataset.shots?)"),
+        ("++dataset.ways=5", "ways", ""),
+    ):
+        with pytest.raises(ConfigValueError) as error:
+            build(compose(override, "logger=none"))
+        value = override.rpartition("=")[2]
+        assert str(error.value) == (
+            f"dataset.{name}={value}: expected one of the keys reptile.data.sine.SineWaves takes"
+            f"{hint}: {keys_of(compose().dataset)}"
+        )
+    with pytest.raises(ConfigValueError) as error:  # a node below the group: its full key
+        build(compose("+callbacks.model_checkpoint.every_n=5", "logger=none"))
+    assert str(error.value).startswith(
+        "callbacks.model_checkpoint.every_n=5: expected one of the keys "
+        "pytorch_lightning.callbacks.ModelCheckpoint takes: "
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "start"),
+    [
+        (
+            "callbacks.model_checkpoint.every_n_train_steps=-1",
+            "callbacks.model_checkpoint.every_n_train_steps=-1: expected what "
+            "pytorch_lightning.callbacks.ModelCheckpoint accepts: Invalid value for "
+            "every_n_train_steps=-1",
+        ),
+        (
+            "trainer.strategy=fsdb",
+            "trainer.strategy='fsdb': expected what pytorch_lightning.Trainer accepts: You "
+            "selected an invalid strategy name",
+        ),
+    ],
+)
+def test_a_value_a_library_refuses_is_one_line_naming_its_key(compose, override, start) -> None:
+    with pytest.raises(ConfigValueError) as error:
+        build(compose(override, "logger=none"))
+    assert str(error.value).startswith(start) and "\n" not in str(error.value)
+
+
+def test_an_error_of_this_packages_own_class_keeps_its_traceback() -> None:
+    """Its classes check their values with `require`: anything else they raise is a bug."""
+    from omegaconf import OmegaConf
+
+    from reptile.job import refused_key
+
+    node = OmegaConf.create({"_target_": "reptile.algorithms.Reptile", "inner_steps": 5})
+    assert refused_key(ValueError("inner_steps went wrong"), node, "algorithm") is None
+    library = OmegaConf.create({"_target_": "some.Library", "inner_steps": 5, "steps": 1})
+    assert refused_key(ValueError("inner_steps and steps disagree"), library, "x") is None
+
+
+def test_a_value_the_config_leaves_to_the_command_line_is_one_line(compose) -> None:
+    with pytest.raises(ConfigValueError) as error:
+        build(compose("dataset=imagefolder", "model=conv4_miniimagenet", "logger=none"))
+    assert str(error.value) == (
+        "dataset.root='???': expected a value, which the config leaves to the command line "
+        "(dataset.root=...)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (
+            ["dataset=omniglot", "dataset.download=true"],  # the default MLP
+            "'MLP': expected a model that maps Omniglot's samples, [1, 28, 28], to 5 outputs, but "
+            "MLP fails on them (mat1 and mat2 shapes cannot be multiplied (56x28 and 1x64))",
+        ),
+        (
+            ["experiment=omniglot_5w1s", "model=conv4_miniimagenet", "dataset.download=true"],
+            "'Conv4': expected a model that maps Omniglot's samples, [1, 28, 28], to 5 outputs, "
+            "but Conv4 fails on them (Given groups=1, weight of size [32, 3, 3, 3], expected "
+            "input[2, 1, 30, 30] to have 3 channels, but got 1 channels instead)",
+        ),
+        (
+            ["model.out_features=3"],
+            "'MLP': expected a model that maps SineWaves's samples, [1], to 1 output, but MLP "
+            "gives outputs of shape [3]",
+        ),
+    ],
+)
+def test_a_model_that_does_not_fit_the_dataset_is_one_line_before_any_data_loads(
+    compose, tmp_path: Path, overrides: list[str], problem: str
+) -> None:
+    # No data there, and none is downloaded: the check comes first.
+    with pytest.raises(ConfigValueError) as error:
+        build(compose(*overrides, f"paths.data_dir={tmp_path}", "logger=none"))
+    assert str(error.value) == (
+        f"model={problem} (each preset pairs a dataset with its model: `python train.py --help` "
+        "lists them)"
+    )
+
+
 def test_no_validation_tasks_is_no_validation_loop_and_no_warning(compose) -> None:
     datamodule, module, trainer = build(
         compose("dataset.num_val_tasks=0", "trainer.max_steps=2", "logger=none", "test=false")
@@ -236,16 +337,18 @@ def test_hydras_composition_errors_are_one_line_and_bad_inputs_exit_code(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("override", "key"),
+    ("override", "printed"),
     [
-        ("algorithm.inner_steps=0", "algorithm.inner_steps"),
-        ("model.hidden=[0]", "model.hidden"),
-        ("dataset.meta_batch_size=0", "dataset.meta_batch_size"),
-        ("ckpt_path=missing.ckpt", "ckpt_path"),
-        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("algorithm.inner_steps=0", "algorithm.inner_steps=0"),
+        ("model.hidden=[0]", "model.hidden=0"),
+        ("dataset.meta_batch_size=0", "dataset.meta_batch_size=0"),
+        ("ckpt_path=missing.ckpt", "ckpt_path='missing.ckpt'"),
+        ("trainer.max_steps=0", "trainer.max_steps=0"),
+        ("+dataset.shotz=1", "dataset.shotz=1"),
+        ("model.out_features=3", "model='mlp'"),  # the option's name, from Hydra
     ],
 )
-def test_config_errors_come_before_lightning_is_imported(tmp_path: Path, override, key) -> None:
+def test_config_errors_come_before_lightning_is_imported(tmp_path: Path, override, printed) -> None:
     """What makes them appear within about a second: torch's import is the only wait (Lightning's
     took several seconds more). Python's own import log shows what the process imported."""
     env = {**environment(tmp_path), "PYTHONPROFILEIMPORTTIME": "1"}
@@ -256,7 +359,7 @@ def test_config_errors_come_before_lightning_is_imported(tmp_path: Path, overrid
     assert "torch" in imported
     assert not imported & {"pytorch_lightning", "lightning_fabric", "torchmetrics", "wandb"}
     assert [line for line in lines if not line.startswith("import time:")][-1].startswith(
-        f"error: {key}="
+        f"error: {printed}: "
     )
 
 

@@ -4,7 +4,10 @@ exit code (the codes: `reptile.cli`)."""
 
 from __future__ import annotations
 
+import copy
+import difflib
 import logging
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -36,18 +39,48 @@ log = logging.getLogger(__name__)
 
 
 def instantiate_group(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
-    """`instantiate(cfg[key])`, turning a bad value anywhere inside into one `key.field` error."""
+    """`instantiate` of the node at `key` (dotted: `callbacks.model_checkpoint`), turning a bad
+    value anywhere inside into one `key.field` error."""
+    node = OmegaConf.select(cfg, key)
     try:
-        return instantiate(cfg[key], _convert_="object", **kwargs)
+        return instantiate(node, _convert_="object", **kwargs)
     except InstantiationException as error:
         cause: BaseException | None = error
         while cause is not None and not isinstance(cause, ConfigValueError):
             cause = cause.__cause__
-        if cause is None:
+        if cause is not None:
+            raise cause.under(key) from None
+        refused = refused_key(error.__cause__, node, key)
+        if refused is None:
             raise
-        raise cause.under(key) from None
+        raise refused.under(key) from None
     except ConfigValueError as error:
         raise error.under(key) from None
+
+
+def refused_key(error: BaseException | None, node: DictConfig, key: str) -> ConfigValueError | None:
+    """The key of `node` (at `key`) that its `_target_` refused with `error`: a key it takes no
+    argument for (`+dataset.foo=1`, or a key that only another option of the group has), or a
+    value a library's own check names (Lightning's `trainer.accelerator=tpu`). None where the
+    error names no key of `node`, or comes from this package's own classes, which check their
+    values with `require`: a bug, whose traceback is kept."""
+    keys = sorted(str(name) for name in node if not str(name).startswith("_"))
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    if isinstance(error, TypeError) and unexpected and unexpected[1] in keys:
+        name = unexpected[1]
+        others = [other for other in keys if other != name]
+        close = difflib.get_close_matches(name, others, n=1)
+        hint = f" (did you mean {key}.{close[0]}?)" if close else ""
+        accepted = f"one of the keys {node._target_} takes{hint}: {', '.join(others)}"
+        return ConfigValueError(name, node.get(name), accepted)
+    if str(node._target_).startswith("reptile."):
+        return None
+    named = [name for name in keys if re.search(rf"\b{re.escape(name)}\b", str(error))]
+    if len(named) != 1:
+        return None
+    message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    accepted = f"what {node._target_} accepts: {message}"
+    return ConfigValueError(named[0], node.get(named[0]), accepted)
 
 
 def resume_path(cfg: DictConfig) -> str | None:
@@ -120,6 +153,34 @@ def check_world_size(tasks: TaskDistribution, world_size: int | None) -> None:
     require(size % world_size == 0, "dataset.meta_batch_size", size, accepted)
 
 
+def check_model_fits(model: torch.nn.Module, tasks: TaskDistribution) -> None:
+    """The model maps the dataset's inputs to its outputs: `dataset=omniglot` beside the default
+    MLP is one line now, not a shape error in the first meta-iteration (after loading the data).
+    Tried on a copy, on two zero samples: the model's buffers (batch norm's) stay untouched."""
+    if tasks.input_shape is None or tasks.num_outputs is None:
+        return
+    try:
+        with torch.no_grad():
+            shape = list(copy.deepcopy(model)(torch.zeros(2, *tasks.input_shape)).shape)
+        problem = None if shape == [2, tasks.num_outputs] else f"gives outputs of shape {shape[1:]}"
+    except RuntimeError as error:
+        problem = f"fails on them ({str(error).splitlines()[0]})"
+    outputs = f"{tasks.num_outputs} output{'s' * (tasks.num_outputs != 1)}"
+    expected = (
+        f"a model that maps {group_choice('dataset', tasks)}'s samples, {list(tasks.input_shape)}, "
+        f"to {outputs}, but {type(model).__name__} {problem} (each preset pairs a dataset with "
+        "its model: `python train.py --help` lists them)"
+    )
+    require(problem is None, "model", group_choice("model", model), expected)
+
+
+def group_choice(group: str, made: object) -> str:
+    """The option of config group `group` this run chose (`omniglot`), else the class it made."""
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices.get(group, type(made).__name__)
+    return type(made).__name__
+
+
 @dataclass
 class Parts:
     """A run's checked parts that need no Lightning."""
@@ -136,6 +197,10 @@ def check_parts(cfg: DictConfig) -> Parts:
     """The run's settings, algorithm, dataset and model, its checkpoint and its folders, checked
     before any process, logger or file is created (the callbacks' values, Lightning objects, are
     checked next, by `reptile.train.check`, which a multirun runs on every job first)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))  # `???` in a config: the user's to give
+    if missing:
+        accepted = f"a value, which the config leaves to the command line ({missing[0]}=...)"
+        raise ConfigValueError(missing[0], "???", accepted)
     ckpt_path = resume_path(cfg)
     check_run_settings(cfg, ckpt_path)
     checkpoint = read_checkpoint("ckpt_path", ckpt_path) if ckpt_path else None
@@ -152,6 +217,7 @@ def check_parts(cfg: DictConfig) -> Parts:
     )
     torch.manual_seed(cfg.seed)  # the initial φ
     model = instantiate_group(cfg, "model")
+    check_model_fits(model, tasks)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     if checkpoint is not None:
         require_same_model("ckpt_path", ckpt_path, checkpoint, run_config["model"])

@@ -79,7 +79,7 @@ def check(cfg: DictConfig, parts: Parts | None = None) -> Job:
         score_after=tasks.score_after,
     )
     module.run_config = parts.run_config
-    callbacks = [instantiate_group(cfg.callbacks, name) for name in cfg.get("callbacks") or {}]
+    callbacks = [instantiate_group(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
     return Job(parts.ckpt_path, parts.checkpoint, TaskDataModule(tasks), module, callbacks)
 
 
@@ -126,7 +126,7 @@ def instantiate_logger(cfg: DictConfig, name: str, job: Job) -> Any:
     if resuming and issubclass(get_class(cfg.logger[name]._target_), WandbLogger):
         run_id = job.checkpoint.get("wandb_run_id")
     options = {"id": run_id, "resume": "allow"} if run_id else {}
-    logger = instantiate_group(cfg.logger, name, **options)
+    logger = instantiate_group(cfg, f"logger.{name}", **options)
     if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
         # Lightning passes anonymous=None, which wandb warns about on every run.
         del logger._wandb_init["anonymous"]

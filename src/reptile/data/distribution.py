@@ -26,6 +26,10 @@ class TaskDistribution(ABC):
     # Names of the logged scores of the unadapted and the adapted model (None: not reported).
     score_before: str | None
     score_after: str
+    # One sample's input shape and the outputs a model gives per sample, known without loading any
+    # data: the run checks its model against them (None: not known, not checked).
+    input_shape: tuple[int, ...] | None = None
+    num_outputs: int | None = None
 
     def __init__(
         self,

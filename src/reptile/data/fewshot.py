@@ -119,6 +119,7 @@ class FewShotClassification(TaskDistribution):
         require_int("train_shots", train_shots, 1)
         require_int("query_shots", query_shots, 1)
         self.ways = ways
+        self.num_outputs = ways  # one logit per class
         self.shots = shots
         self.train_shots = train_shots
         self.query_shots = query_shots

@@ -100,6 +100,7 @@ class ImageDataset(FewShotClassification):
         self.cache_dir = cache_dir
         self.image_size = image_size
         self.channels = channels
+        self.input_shape = (channels, image_size, image_size)
 
     @abstractmethod
     def image_splits(self) -> dict[str, Split]:

@@ -24,6 +24,8 @@ class SineWaves(TaskDistribution):
     loss = "mse"
     score_before = "mse_before"
     score_after = "mse_after"
+    input_shape = (1,)
+    num_outputs = 1
 
     def __init__(
         self,
