@@ -69,7 +69,7 @@ def composition_error(compose, *overrides: str) -> str:
     """The line for the error Hydra raises composing `overrides`, as train.py would print it."""
     with pytest.raises(Exception) as error:
         compose(*overrides)
-    return cli.composition_error(error.value, list(overrides), CONF)
+    return cli.composition_error(error.value, list(overrides), cli.composer(CONF))
 
 
 def test_a_key_the_config_lacks_is_named_with_the_closest_and_every_key_there(compose) -> None:
@@ -117,8 +117,49 @@ def test_a_key_error_whose_config_cannot_be_composed_again_is_still_one_line() -
     cause.full_key = "algorithm.k"  # as omegaconf's errors name the key
     error = Exception("Could not override 'algorithm.k'")
     error.__cause__ = cause
-    line = cli.composition_error(error, ["dataset=omniglott", "algorithm.k=3"], CONF)
+    line = cli.composition_error(error, ["dataset=omniglott", "algorithm.k=3"], cli.composer(CONF))
     assert line == "algorithm.k=3: algorithm has no key k; +algorithm.k=3 adds it"
+
+
+def sweep_error(compose, *overrides: str) -> str:
+    """The line for the error Hydra raises composing a multirun's own config: its overrides
+    without the swept group choices, which it applies to each job's config later."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    with pytest.raises(Exception) as error:
+        compose(*(o for o in overrides if not parser.parse_override(o).is_sweep_override()))
+    return cli.composition_error(error.value, list(overrides), cli.composer(CONF), multirun=True)
+
+
+def test_a_key_every_job_of_a_sweep_has_but_its_own_config_lacks_is_set_with_plus_plus(
+    compose,
+) -> None:
+    sweep = ("dataset=omniglot,miniimagenet", "dataset.ways=3")
+    assert sweep_error(compose, *sweep) == (
+        "dataset.ways=3: every job of the sweep has dataset.ways, but Hydra applies the overrides "
+        "a sweep does not vary before its swept choices (dataset=omniglot,miniimagenet), to a "
+        "config without it; ++dataset.ways=3 sets it in each job"
+    )
+    compose("++dataset.ways=3")  # the remedy: the sweep's own config composes, and each job has it
+    for dataset in ("omniglot", "miniimagenet"):
+        assert compose(f"dataset={dataset}", "++dataset.ways=3").dataset.ways == 3
+
+
+def test_a_key_some_jobs_of_a_sweep_lack_names_those_jobs_and_their_keys(compose) -> None:
+    sine = ", ".join(sorted(k for k in compose().dataset if not k.startswith("_")))
+    # Jobs in order: (omniglot, 1), (omniglot, 2), (sine, 1), (sine, 2), (mini, 1), (mini, 2).
+    line = sweep_error(
+        compose,
+        "dataset=omniglot,sine,miniimagenet",
+        "algorithm.inner_steps=1,2",
+        "dataset.ways=5",
+        "logger=none",
+    )
+    assert line == (
+        f"dataset.ways=5: jobs 2, 3 of 6 (dataset=sine): dataset has no key ways; its keys: "
+        f"{sine}; the other jobs have it"
+    )
 
 
 def test_a_missing_group_option_lists_the_groups_options(compose) -> None:

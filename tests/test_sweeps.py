@@ -108,6 +108,29 @@ def test_a_bad_value_in_any_job_stops_the_sweep_before_its_first_job(tmp_path: P
 
 
 @pytest.mark.slow
+def test_a_key_some_jobs_lack_is_one_line_per_job_before_the_first_starts(tmp_path: Path) -> None:
+    """Swept, the key is checked in each job's config (sine has grid_points, Omniglot not); not
+    swept, in the sweep's own config, whose error names the jobs that lack it."""
+    swept = run(
+        tmp_path, "-m", *TINY, "dataset=sine,omniglot", "dataset.ways=2,3", "hydra.sweep.dir=sweep"
+    )
+    assert swept.returncode == 2, swept.stderr[-3000:]
+    lines = swept.stderr.strip().splitlines()
+    assert [line.partition(": dataset has no key")[0] for line in lines] == [
+        "error: job 0 of 4: dataset.ways=2",
+        "error: job 1 of 4: dataset.ways=3",
+        "error: job 2 of 4: dataset.grid_points=50",
+        "error: job 3 of 4: dataset.grid_points=50",
+    ]
+    fixed = run(tmp_path, "-m", *TINY, "dataset=sine,omniglot", "dataset.ways=2")
+    assert fixed.returncode == 2, fixed.stderr[-3000:]
+    (line,) = fixed.stderr.strip().splitlines()
+    assert line.startswith("error: dataset.ways=2: job 0 of 2 (dataset=sine): dataset has no key")
+    assert line.endswith("; the other jobs have it")
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_a_job_failing_at_run_time_leaves_the_others_running(tmp_path: Path, launcher: str) -> None:
     """inner lr 1e30 diverges at the first meta-iteration (exit 3); under joblib it runs beside

@@ -108,7 +108,8 @@ def reporting_config_errors(config_dir: Path) -> Iterator[None]:
         if hydras_reports:
             raise
         overrides = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")]
-        fail(composition_error(error, overrides, config_dir))
+        multirun = bool({"-m", "--multirun"} & set(sys.argv[1:]))
+        fail(composition_error(error, overrides, composer(config_dir), multirun))
 
 
 def override_key(override: str) -> str:
@@ -135,24 +136,50 @@ KNOWN_AS = {
 }
 
 
-def composition_error(error: Exception, overrides: list[str], config_dir: Path) -> str:
-    """The line for Hydra's `error` while composing the config of `overrides`."""
+Compose = Callable[[list[str]], DictConfig]  # the task config of some overrides
+
+
+def composition_error(
+    error: Exception, overrides: list[str], compose: Compose, multirun: bool = False
+) -> str:
+    """The line for Hydra's `error` while composing the config of `overrides` (a multirun's:
+    its own config, before the jobs')."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, OverrideParseException
 
     full_key = getattr(error.__cause__, "full_key", None)
     if full_key:  # an override of a key the config does not have
         override = next((o for o in overrides if override_key(o) == full_key), full_key)
+        others = [o for o in overrides if o != override]
+        subject, remedy = override, f"+{override} adds it"
+        if multirun:  # the sweep's own config lacks the key: do its jobs' configs?
+            having, lacking = sweep_jobs(full_key, others, compose)
+            swept = swept_choices(others)
+            if having and not lacking:
+                return (
+                    f"{override}: every job of the sweep has {full_key}, but Hydra applies the "
+                    f"overrides a sweep does not vary before its swept choices "
+                    f"({' '.join(swept)}), to a "
+                    f"config without it; ++{override} sets it in each job"
+                )
+            if having:
+                numbers, choices = zip(*lacking, strict=True)
+                jobs = f"job {numbers[0]}" if len(numbers) == 1 else f"jobs {listed(numbers)}"
+                keys = {override_key(o) for o in swept}
+                shown = [" ".join(c for c in job if override_key(c) in keys) for job in choices]
+                where = "; ".join(dict.fromkeys(shown))
+                subject = f"{override}: {jobs} of {len(having) + len(lacking)} ({where})"
+                others, remedy = list(choices[0]), "the other jobs have it"
         node, _, name = full_key.rpartition(".")
-        config = composed([o for o in overrides if o != override], config_dir)
+        config = composed(others, compose)
         found = OmegaConf.select(config, node) if node and config is not None else config
         names = found if isinstance(found, DictConfig) else []
         keys = sorted(str(key) for key in names if not str(key).startswith("_"))  # not _target_
         close = meant_keys(node, name, keys, config)
         hint = f" (did you mean {close}?)" if close else ""
-        listed = f"; its keys: {', '.join(keys)}" if keys else ""
+        listed_keys = f"; its keys: {', '.join(keys)}" if keys else ""
         owner = node or "the config"
-        return f"{override}: {owner} has no key {name}{hint}{listed}; +{override} adds it"
+        return f"{subject}: {owner} has no key {name}{hint}{listed_keys}; {remedy}"
     message = str(error)
     missing = re.match(r"In '.*': Could not find '(.+)/([^/']+)'", message)
     options = re.findall(r"^\t(\S+)$", message.partition("Config search path")[0], re.M)
@@ -176,19 +203,76 @@ def one_line(message: str) -> str:
     return "; ".join(line.strip().rstrip(".") for line in lines if line.strip())
 
 
-def composed(overrides: list[str], config_dir: Path) -> DictConfig | None:
-    """The config of `overrides`' group choices (a sweep's first); None where that config cannot
-    be composed either."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def composer(config_dir: Path) -> Compose:
+    """Composes the task config of some overrides from `config_dir`, as train.py would."""
 
-    choices = [o.split(",")[0] for o in overrides if "." not in override_key(o)]
-    GlobalHydra.instance().clear()
-    try:
+    def compose(overrides: list[str]) -> DictConfig:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            return compose("train", overrides=choices)
+            return compose("train", overrides=overrides)
+
+    return compose
+
+
+def group_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that choose config group options (`dataset=omniglot`, `dataset=a,b`)."""
+    return [o for o in overrides if "." not in override_key(o)]
+
+
+def group_choices(overrides: list[str]) -> list[str]:
+    """The group options `overrides` choose (a sweep's: its first)."""
+    return [o.split(",")[0] for o in group_overrides(overrides)]
+
+
+def composed(overrides: list[str], compose: Compose) -> DictConfig | None:
+    """The config of `overrides`' group choices; None where that config cannot be composed
+    either."""
+    try:
+        return compose(group_choices(overrides))
     except Exception:  # the error reported is the one already found
         return None
+
+
+def sweep_jobs(
+    key: str, overrides: list[str], compose: Compose
+) -> tuple[list[int], list[tuple[int, tuple[str, ...]]]]:
+    """The numbers of the jobs of the sweep of `overrides` whose config has `key`, and those of
+    the jobs whose config lacks it, with their group choices. Jobs are numbered as the sweeper
+    numbers them; a config is composed once per combination of group choices."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    has: dict[tuple[str, ...], bool] = {}
+    having, lacking = [], []
+    for number, job in enumerate(jobs):
+        choices = tuple(group_choices(job))
+        if choices not in has:
+            config = composed(list(choices), compose)
+            tree = OmegaConf.to_container(config, resolve=False) if config is not None else {}
+            has[choices] = key in key_paths(tree)
+        if has[choices]:
+            having.append(number)
+        else:
+            lacking.append((number, choices))
+    return having, lacking
+
+
+def swept_choices(overrides: list[str]) -> list[str]:
+    """The overrides that sweep over config group options (`dataset=omniglot,sine`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    return [o for o in group_overrides(overrides) if parser.parse_override(o).is_sweep_override()]
+
+
+def listed(numbers: tuple[int, ...], most: int = 8) -> str:
+    shown = ", ".join(str(n) for n in numbers[:most])
+    return shown + (f" and {len(numbers) - most} more" if len(numbers) > most else "")
 
 
 def meant_keys(node: str, name: str, keys: list[str], config: DictConfig | None) -> str | None:

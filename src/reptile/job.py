@@ -20,6 +20,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from reptile.algorithms.base import Algorithm
 from reptile.checkpoints import read_checkpoint, require_same_model
@@ -153,6 +154,24 @@ def check_world_size(tasks: TaskDistribution, world_size: int | None) -> None:
     require(size % world_size == 0, "dataset.meta_batch_size", size, accepted)
 
 
+def check_resolves(cfg: DictConfig) -> None:
+    """Every value is given and every interpolation resolves: a `???` left to the command line
+    (`dataset.root`), or a `${dataset.image_size}` that the chosen dataset lacks (a preset's model
+    beside `dataset=sine`), is one line."""
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as error:
+        raw: Any = OmegaConf.to_container(cfg, resolve=False)
+        for part in str(error.full_key).split("."):
+            raw = raw.get(part) if isinstance(raw, dict) else None
+        accepted = f"a value that resolves ({error.msg.splitlines()[0]})"
+        raise ConfigValueError(error.full_key, raw, accepted) from None
+    if missing:
+        accepted = f"a value, which the config leaves to the command line ({missing[0]}=...)"
+        raise ConfigValueError(missing[0], "???", accepted)
+
+
 def check_model_fits(model: torch.nn.Module, tasks: TaskDistribution) -> None:
     """The model maps the dataset's inputs to its outputs: `dataset=omniglot` beside the default
     MLP is one line now, not a shape error in the first meta-iteration (after loading the data).
@@ -197,10 +216,7 @@ def check_parts(cfg: DictConfig) -> Parts:
     """The run's settings, algorithm, dataset and model, its checkpoint and its folders, checked
     before any process, logger or file is created (the callbacks' values, Lightning objects, are
     checked next, by `reptile.train.check`, which a multirun runs on every job first)."""
-    missing = sorted(OmegaConf.missing_keys(cfg))  # `???` in a config: the user's to give
-    if missing:
-        accepted = f"a value, which the config leaves to the command line ({missing[0]}=...)"
-        raise ConfigValueError(missing[0], "???", accepted)
+    check_resolves(cfg)
     ckpt_path = resume_path(cfg)
     check_run_settings(cfg, ckpt_path)
     checkpoint = read_checkpoint("ckpt_path", ckpt_path) if ckpt_path else None

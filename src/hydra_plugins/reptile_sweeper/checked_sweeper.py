@@ -21,10 +21,13 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from reptile.cli import EXIT_BAD_INPUT, EXIT_ERROR, JobFailed
+from reptile.cli import EXIT_BAD_INPUT, EXIT_ERROR, JobFailed, composition_error
 from reptile.config import ConfigValueError
+
+COMPOSITION_ERRORS = (ConfigCompositionException, MissingConfigException)
 
 
 class CheckedSweeper(BasicSweeper):
@@ -57,14 +60,25 @@ class CheckedSweeper(BasicSweeper):
 
         problems = []
         for number, overrides in enumerate(jobs):
-            with self.job_config(number, overrides) as cfg:
-                try:
+            try:
+                with self.job_config(number, overrides) as cfg:
                     check(cfg)
-                except ConfigValueError as error:
-                    problems.append(f"error: job {number} of {len(jobs)}: {error}")
+            except ConfigValueError as error:
+                problems.append(f"error: job {number} of {len(jobs)}: {error}")
+            except COMPOSITION_ERRORS as error:  # a key only some jobs' configs lack
+                line = composition_error(error, list(overrides), self.task_config)
+                problems.append(f"error: job {number} of {len(jobs)}: {line}")
         if problems:
             print("\n".join(problems), file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
+
+    def task_config(self, overrides: list[str]) -> DictConfig:
+        """The task config (no `hydra` node) of a job of `overrides`."""
+        assert self.config is not None and self.hydra_context is not None
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with read_write(config), open_dict(config):
+            del config["hydra"]
+        return config
 
     @contextmanager
     def job_config(self, number: int, overrides: Sequence[str]) -> Iterator[DictConfig]:
