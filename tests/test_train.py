@@ -209,12 +209,18 @@ def test_an_error_of_this_packages_own_class_keeps_its_traceback() -> None:
     assert refused_key(ValueError("inner_steps and steps disagree"), library, "x") is None
 
 
-def test_a_value_the_config_leaves_to_the_command_line_is_one_line(compose) -> None:
+def test_a_value_left_to_the_command_line_or_that_cannot_resolve_is_one_line(compose) -> None:
     with pytest.raises(ConfigValueError) as error:
         build(compose("dataset=imagefolder", "model=conv4_miniimagenet", "logger=none"))
     assert str(error.value) == (
         "dataset.root='???': expected a value, which the config leaves to the command line "
         "(dataset.root=...)"
+    )
+    with pytest.raises(ConfigValueError) as error:  # a preset's model beside another dataset
+        build(compose("experiment=omniglot_5w1s", "dataset=sine", "logger=none"))
+    assert str(error.value) == (
+        "model.image_size='${dataset.image_size}': expected a value that resolves "
+        "(Interpolation key 'dataset.image_size' not found)"
     )
 
 
