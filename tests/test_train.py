@@ -140,6 +140,14 @@ def test_multirun_gives_each_job_its_directory_and_results(tmp_path: Path) -> No
             "trainer.precision='bf16-true': expected 32-true or bf16-mixed",
         ),
         ("seed=-1", "seed=-1: expected an integer >= 0"),
+        (
+            "dataset.amplitude=[5,1]",
+            "dataset.amplitude=[5, 1]: expected [low, high], finite numbers, low < high",
+        ),
+        (
+            "dataset.x_range=5",
+            "dataset.x_range=5: expected [low, high], finite numbers, low < high",
+        ),
     ],
 )
 def test_bad_input_is_one_line_naming_key_value_and_accepted(

@@ -49,6 +49,14 @@ def require_non_negative(key: str, value: Any) -> None:
     require(finite and value >= 0, key, value, "a finite number >= 0")
 
 
+def require_range(key: str, value: Any) -> tuple[float, float]:
+    """`value` is `[low, high]`, two finite numbers with low < high; returned as floats."""
+    pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(map(is_number, value))
+    finite = pair and all(abs(bound) != float("inf") for bound in value)
+    require(finite and value[0] < value[1], key, value, "[low, high], finite numbers, low < high")
+    return float(value[0]), float(value[1])
+
+
 def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     require(value in choices, key, value, f"one of {', '.join(choices)}")
 

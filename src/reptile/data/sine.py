@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from reptile.config import require_int, require_positive
+from reptile.config import require_int, require_range
 from reptile.data.distribution import TaskDistribution
 from reptile.data.tasks import Task
 
@@ -38,12 +38,9 @@ class SineWaves(TaskDistribution):
         super().__init__(**loader_options)
         require_int("shots", shots, 1)
         require_int("grid_points", grid_points, 2)
-        low, high = amplitude
-        require_positive("amplitude", high - low)
-        require_positive("x_range", x_range[1] - x_range[0])
         self.shots = shots
-        self.amplitude = (float(low), float(high))
-        self.x_range = (float(x_range[0]), float(x_range[1]))
+        self.amplitude = require_range("amplitude", amplitude)
+        self.x_range = require_range("x_range", x_range)
         self.grid = torch.linspace(*self.x_range, grid_points).unsqueeze(-1)
 
     def sample_wave(self, generator: torch.Generator) -> tuple[float, float]:
