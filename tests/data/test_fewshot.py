@@ -156,6 +156,7 @@ def test_tasks_depend_only_on_the_generator():
         ({"shots": 5}, "shots"),  # the smallest test class has 5 images, 1 of them a query
         ({"train_shots": 13}, "train_shots"),  # 12 images in the smallest train class
         ({"train_shots": 11, "tail_size": 2}, "train_shots"),
+        ({"query_shots": 5}, "query_shots"),  # the queries alone take all 5: no support is left
     ],
 )
 def test_impossible_task_sizes_fail_with_one_clear_line(options, key):

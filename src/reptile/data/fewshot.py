@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from reptile.config import require, require_int
+from reptile.config import ConfigValueError, require, require_int
 from reptile.data.distribution import TaskDistribution
 from reptile.data.tasks import SPLITS, Task
 
@@ -195,14 +195,14 @@ def check_task_size(split: Split, name: str, ways: int, support: int, query: int
         f"at most {split.num_classes}, the number of classes in the {name} split",
     )
     smallest = split.smallest_class
-    if name == "train":
+    if support + query <= smallest:
+        return
+    images = f"the smallest {name} class has {smallest} images"
+    if name == "train":  # the tail is the algorithm's (algorithm.tail_shots)
         key, held_out = "train_shots", f", and tail_size={query} per class are held out"
     else:
         key, held_out = "shots", f", and query_shots={query} per class are queries"
-    require(
-        support + query <= smallest,
-        key,
-        support,
-        f"at most {smallest - query}: the smallest {name} class has {smallest} images"
-        + (held_out if query else ""),
-    )
+        if query >= smallest:  # the queries alone leave no support image: theirs is the key
+            accepted = f"at most {smallest - support}: {images}, and shots={support} per class are support"
+            raise ConfigValueError("query_shots", query, accepted)
+    raise ConfigValueError(key, support, f"at most {smallest - query}: {images}{held_out}")
