@@ -35,6 +35,10 @@ def require_int(key: str, value: Any, minimum: int) -> None:
     require(is_int(value) and value >= minimum, key, value, f"an integer >= {minimum}")
 
 
+def require_bool(key: str, value: Any) -> None:
+    require(isinstance(value, bool), key, value, "true or false")
+
+
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

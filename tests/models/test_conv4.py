@@ -88,9 +88,11 @@ def test_per_task_gradients_under_vmap_match_a_loop():
             assert torch.allclose(batched[name][t], looped[name], rtol=1e-4, atol=1e-6), name
 
 
-def test_bad_widths_fail_with_one_line():
+def test_bad_widths_and_flags_fail_with_one_line():
     with pytest.raises(ConfigValueError, match="hidden=0: expected an integer >= 1"):
         Conv4(hidden=0)
+    with pytest.raises(ConfigValueError, match="max_pool='yes': expected true or false"):
+        Conv4(max_pool="yes")  # YAML 1.2 reads yes as a string: it was taken as true
 
 
 def test_stride_two_convolutions_pad_as_tensorflow_same() -> None:

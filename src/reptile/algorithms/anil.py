@@ -10,7 +10,7 @@ from reptile.algorithms.base import MetaStep
 from reptile.algorithms.inner_loop import InnerLoop
 from reptile.algorithms.params import MetaParams, State
 from reptile.algorithms.tail import SecondOrderTail
-from reptile.config import require
+from reptile.config import require, require_bool
 from reptile.data.tasks import Task
 
 
@@ -41,9 +41,7 @@ class ANIL(SecondOrderTail):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(
-            isinstance(self.first_order, bool), "first_order", self.first_order, "true or false"
-        )
+        require_bool("first_order", self.first_order)
         require(
             isinstance(self.head, (list, tuple)) and all(isinstance(p, str) for p in self.head),
             "head",

@@ -22,6 +22,7 @@ from reptile.algorithms.optimizers import INNER_OPTIMIZERS
 from reptile.algorithms.params import MetaParams, Params, State, broadcast, task_mean
 from reptile.config import (
     require,
+    require_bool,
     require_choice,
     require_int,
     require_non_negative,
@@ -97,12 +98,10 @@ class Algorithm(ABC):
             require(valid, key, list(betas), "two numbers in [0, 1)")
         require_int("eval_inner_steps", self.eval_inner_steps, 0)
         require_int("eval_batch_size", self.eval_batch_size, 1)
-        require(
-            isinstance(self.transductive, bool), "transductive", self.transductive, "true or false"
-        )
+        require_bool("transductive", self.transductive)
         require_int("tail_shots", self.tail_shots, 0)
         require_choice("backend", self.backend, BACKENDS)
-        require(isinstance(self.compile, bool), "compile", self.compile, "true or false")
+        require_bool("compile", self.compile)
         if self.eval_memory_mib is not None:
             require_int("eval_memory_mib", self.eval_memory_mib, 1)
 

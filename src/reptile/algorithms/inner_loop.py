@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_map_only
 from reptile.algorithms.folded import folded_forward
 from reptile.algorithms.optimizers import InnerOptimizer, in_functorch_transform
 from reptile.algorithms.params import Params, State
-from reptile.config import require, require_choice
+from reptile.config import require, require_bool, require_choice
 from reptile.data.tasks import Task
 
 BACKENDS = ("auto", "folded", "vmap")
@@ -87,7 +87,7 @@ class InnerLoop:
         adapted: Sequence[str] | None = None,
     ) -> None:
         require_choice("backend", backend, BACKENDS)
-        require(isinstance(compile, bool), "compile", compile, "true or false")
+        require_bool("compile", compile)
         self.model = model
         self.objective = OBJECTIVES[loss]
         self.optimizer = optimizer

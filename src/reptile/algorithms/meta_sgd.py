@@ -12,7 +12,7 @@ from reptile.algorithms.inner_loop import InnerLoop
 from reptile.algorithms.optimizers import each
 from reptile.algorithms.params import MetaParams, Params, State
 from reptile.algorithms.tail import SecondOrderTail
-from reptile.config import require
+from reptile.config import require, require_bool
 from reptile.data.tasks import Task
 
 
@@ -65,9 +65,7 @@ class MetaSGD(SecondOrderTail):
             self.inner_state,
             "carry or reset (Meta-SGD's SGD has no moments to chain from task to task)",
         )
-        require(
-            isinstance(self.first_order, bool), "first_order", self.first_order, "true or false"
-        )
+        require_bool("first_order", self.first_order)
         if not self.first_order:
             self.check_second_order()
 

@@ -203,6 +203,7 @@ def check_task_size(split: Split, name: str, ways: int, support: int, query: int
     else:
         key, held_out = "shots", f", and query_shots={query} per class are queries"
         if query >= smallest:  # the queries alone leave no support image: theirs is the key
-            accepted = f"at most {smallest - support}: {images}, and shots={support} per class are support"
+            support_images = f"shots={support} per class are support"
+            accepted = f"at most {smallest - support}: {images}, and {support_images}"
             raise ConfigValueError("query_shots", query, accepted)
     raise ConfigValueError(key, support, f"at most {smallest - query}: {images}{held_out}")

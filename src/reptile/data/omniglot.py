@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from reptile.config import is_int, require, require_int
+from reptile.config import is_int, require, require_bool, require_int
 from reptile.data.fewshot import Split
 from reptile.data.images import ClassFiles, ImageDataset, ImageFile, open_archive
 from reptile.files import atomic_file
@@ -61,6 +61,8 @@ class Omniglot(ImageDataset):
         **options: Any,
     ) -> None:
         super().__init__(root, cache_dir, image_size, 1, **options)
+        require_bool("download", download)
+        require_bool("hold_out_val", hold_out_val)
         require(
             is_int(num_train_characters) and 1 <= num_train_characters < NUM_CHARACTERS,
             "num_train_characters",

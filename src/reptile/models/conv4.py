@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reptile.config import require_int
+from reptile.config import require_bool, require_int
 
 
 def same_padding(size: int, stride: int, kernel: int = 3) -> tuple[int, int, int, int]:
@@ -52,6 +52,7 @@ class Conv4(nn.Module):
             ("image_size", image_size),
         ):
             require_int(key, value, 1)
+        require_bool("max_pool", max_pool)
         blocks: list[nn.Module] = []
         size = image_size
         for layer in range(layers):
