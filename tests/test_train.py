@@ -149,6 +149,7 @@ def test_multirun_gives_each_job_its_directory_and_results(tmp_path: Path) -> No
             "dataset.x_range=5: expected [low, high], finite numbers, low < high",
         ),
         ("algorithm.compile=1", "algorithm.compile=1: expected true or false"),
+        ("train=maybe", "train='maybe': expected true or false"),
     ],
 )
 def test_bad_input_is_one_line_naming_key_value_and_accepted(

@@ -33,7 +33,14 @@ from reptile.cli import (
     discard_refused_run_dir,
     process_rank,
 )
-from reptile.config import ConfigValueError, is_int, require, require_int, require_writable
+from reptile.config import (
+    ConfigValueError,
+    is_int,
+    require,
+    require_bool,
+    require_int,
+    require_writable,
+)
 from reptile.data.distribution import TaskDistribution
 
 log = logging.getLogger(__name__)
@@ -105,6 +112,8 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 def check_run_settings(cfg: DictConfig, ckpt_path: str | None) -> None:
     require_int("seed", cfg.seed, 0)
+    require_bool("train", cfg.train)
+    require_bool("test", cfg.test)
     if cfg.get("threads") is not None:
         require_int("threads", cfg.threads, 1)
     require_int("trainer.max_steps", cfg.trainer.max_steps, 1 if cfg.train else 0)
