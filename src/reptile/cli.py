@@ -108,7 +108,7 @@ def reporting_config_errors(config_dir: Path) -> Iterator[None]:
         if hydras_reports:
             raise
         overrides = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")]
-        multirun = bool({"-m", "--multirun"} & set(sys.argv[1:]))
+        multirun = bool({"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(sys.argv[1:]))
         fail(composition_error(error, overrides, composer(config_dir), multirun))
 
 
@@ -151,35 +151,8 @@ def composition_error(
     if full_key:  # an override of a key the config does not have
         override = next((o for o in overrides if override_key(o) == full_key), full_key)
         others = [o for o in overrides if o != override]
-        subject, remedy = override, f"+{override} adds it"
-        if multirun:  # the sweep's own config lacks the key: do its jobs' configs?
-            having, lacking = sweep_jobs(full_key, others, compose)
-            swept = swept_choices(others)
-            if having and not lacking:
-                return (
-                    f"{override}: every job of the sweep has {full_key}, but Hydra applies the "
-                    f"overrides a sweep does not vary before its swept choices "
-                    f"({' '.join(swept)}), to a "
-                    f"config without it; ++{override} sets it in each job"
-                )
-            if having:
-                numbers, choices = zip(*lacking, strict=True)
-                jobs = f"job {numbers[0]}" if len(numbers) == 1 else f"jobs {listed(numbers)}"
-                keys = {override_key(o) for o in swept}
-                shown = [" ".join(c for c in job if override_key(c) in keys) for job in choices]
-                where = "; ".join(dict.fromkeys(shown))
-                subject = f"{override}: {jobs} of {len(having) + len(lacking)} ({where})"
-                others, remedy = list(choices[0]), "the other jobs have it"
-        node, _, name = full_key.rpartition(".")
-        config = composed(others, compose)
-        found = OmegaConf.select(config, node) if node and config is not None else config
-        names = found if isinstance(found, DictConfig) else []
-        keys = sorted(str(key) for key in names if not str(key).startswith("_"))  # not _target_
-        close = meant_keys(node, name, keys, config)
-        hint = f" (did you mean {close}?)" if close else ""
-        listed_keys = f"; its keys: {', '.join(keys)}" if keys else ""
-        owner = node or "the config"
-        return f"{subject}: {owner} has no key {name}{hint}{listed_keys}; {remedy}"
+        line = sweep_key_error(override, full_key, others, compose) if multirun else None
+        return line or key_error(override, full_key, others, compose)
     message = str(error)
     missing = re.match(r"In '.*': Could not find '(.+)/([^/']+)'", message)
     options = re.findall(r"^\t(\S+)$", message.partition("Config search path")[0], re.M)
@@ -195,6 +168,55 @@ def composition_error(
             except HydraException:
                 return f"{override}: expected an override Hydra can parse ({one_line(message)})"
     return one_line(message)
+
+
+def key_error(
+    override: str,
+    full_key: str,
+    overrides: list[str],
+    compose: Compose,
+    subject: str | None = None,
+    remedy: str | None = None,
+) -> str:
+    """The line for `override` of `full_key`, a key that the config of `overrides`' group
+    choices lacks: the key meant, and the keys there."""
+    node, _, name = full_key.rpartition(".")
+    config = composed(overrides, compose)
+    found = OmegaConf.select(config, node) if node and config is not None else config
+    names = found if isinstance(found, DictConfig) else []
+    keys = sorted(str(key) for key in names if not str(key).startswith("_"))  # not _target_
+    close = meant_keys(node, name, keys, config)
+    hint = f" (did you mean {close}?)" if close else ""
+    listed_keys = f"; its keys: {', '.join(keys)}" if keys else ""
+    owner = node or "the config"
+    remedy = remedy or f"+{override} adds it"
+    return f"{subject or override}: {owner} has no key {name}{hint}{listed_keys}; {remedy}"
+
+
+def sweep_key_error(
+    override: str, full_key: str, overrides: list[str], compose: Compose
+) -> str | None:
+    """The line for `override` of `full_key` in a multirun whose own config lacks the key, where
+    some or all of its jobs' configs have it (None: none has). Hydra composes a sweep's own
+    config without its swept group choices, then each job's with them."""
+    having, lacking = sweep_jobs(full_key, overrides, compose)
+    if not having:
+        return None
+    swept = swept_choices(overrides)
+    if not lacking:
+        return (
+            f"{override}: every job of the sweep has {full_key}, but Hydra applies the overrides "
+            f"a sweep does not vary before its swept choices ({' '.join(swept)}), to a config "
+            f"without it; ++{override} sets it in each job"
+        )
+    numbers, choices = zip(*lacking, strict=True)
+    jobs = f"job {numbers[0]}" if len(numbers) == 1 else f"jobs {listed(numbers)}"
+    keys = {override_key(o) for o in swept}
+    shown = [" ".join(c for c in job if override_key(c) in keys) for job in choices]
+    where = "; ".join(dict.fromkeys(shown))
+    subject = f"{override}: {jobs} of {len(having) + len(lacking)} ({where})"
+    remedy = "the other jobs have it"
+    return key_error(override, full_key, list(choices[0]), compose, subject, remedy)
 
 
 def one_line(message: str) -> str:
