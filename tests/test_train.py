@@ -336,6 +336,11 @@ def test_bad_input_exits_nonzero_before_training_with_one_line(tmp_path: Path) -
             "(did you mean trainer.max_steps?); ",
         ),
         (["-m", "dataset=sine,omniglott"], "error: dataset=sine,omniglott: expected one of "),
+        (  # a swept key that no job has: one line, the override as typed
+            ["-m", "algorithm.inner_stepz=1,2"],
+            "error: algorithm.inner_stepz=1,2: algorithm has no key inner_stepz (did you mean "
+            "algorithm.inner_steps?); ",
+        ),
     ],
 )
 def test_hydras_composition_errors_are_one_line_and_bad_inputs_exit_code(

@@ -27,8 +27,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from reptile.cli import EXIT_BAD_INPUT, EXIT_ERROR, JobFailed, composition_error
 from reptile.config import ConfigValueError
 
-COMPOSITION_ERRORS = (ConfigCompositionException, MissingConfigException)
-
 
 class CheckedSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
@@ -55,19 +53,28 @@ class CheckedSweeper(BasicSweeper):
         return returns
 
     def check_jobs(self, jobs: Sequence[Sequence[str]]) -> None:
-        """Every job's config, checked as its run will check it, before any job starts."""
+        """Every job's config, checked as its run will check it, before any job starts. A key
+        that only some jobs' configs lack is one line per such job; a key that none has (a
+        typo), or an option a group lacks, is left to train.py: one line naming the override as
+        typed."""
         from reptile.train import check  # torch and Lightning: imported for sweeps only
 
-        problems = []
+        problems, uncomposed = [], []
         for number, overrides in enumerate(jobs):
             try:
                 with self.job_config(number, overrides) as cfg:
                     check(cfg)
             except ConfigValueError as error:
                 problems.append(f"error: job {number} of {len(jobs)}: {error}")
-            except COMPOSITION_ERRORS as error:  # a key only some jobs' configs lack
+            except ConfigCompositionException as error:
+                if isinstance(error, MissingConfigException):  # the same for every job
+                    raise
+                uncomposed.append(error)
                 line = composition_error(error, list(overrides), self.task_config)
                 problems.append(f"error: job {number} of {len(jobs)}: {line}")
+        keys = {getattr(error.__cause__, "full_key", None) for error in uncomposed}
+        if len(uncomposed) == len(jobs) and len(keys) == 1:  # a key no job's config has
+            raise uncomposed[0]
         if problems:
             print("\n".join(problems), file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
