@@ -54,7 +54,8 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND for at most SECONDS, into
 # with start-up; the CUDA-graph run adds its compilation (the inductor cache is cold here).
 part environment 20 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total \
     --format=csv,noheader; nproc; python3 -c "import torch, pytorch_lightning as pl;
-print(\"torch\", torch.__version__, \"lightning\", pl.__version__, torch.cuda.get_device_name())"'
+print(\"torch\", torch.__version__, \"lightning\", pl.__version__,
+    torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")"'
 part end_to_end 180 python3 benchmarks/benchmark.py --device "$DEVICE" --end-to-end --rounds 1 \
     --only "Omniglot 5-way" --steps "$STEPS" --data-dir "$DATA"
 accelerator=$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)
