@@ -131,6 +131,27 @@ def test_a_key_some_jobs_lack_is_one_line_per_job_before_the_first_starts(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_launcher_setting_its_launcher_refuses_is_one_line_and_no_job_runs(
+    tmp_path: Path,
+) -> None:
+    result = run(
+        tmp_path,
+        "-m",
+        *SWEEP,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=0",
+        "hydra.sweep.dir=sweep",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: hydra.launcher.n_jobs=0: expected what "
+        "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher accepts: n_jobs == 0 "
+        "in Parallel has no meaning"
+    )
+    assert not jobs(tmp_path / "sweep")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_a_job_failing_at_run_time_leaves_the_others_running(tmp_path: Path, launcher: str) -> None:
     """inner lr 1e30 diverges at the first meta-iteration (exit 3); under joblib it runs beside

@@ -44,13 +44,29 @@ class CheckedSweeper(BasicSweeper):
         returns, failures, first = [], [], 0
         while not self.is_done():
             batch = self.get_job_batch()
-            results = self.launcher.launch(batch, initial_job_idx=first)
+            results = self.launch(batch, first)
             failures += [(first + i, result) for i, result in enumerate(results) if failed(result)]
             first += len(batch)
             returns.append(results)
         if failures:
             sys.exit(report_failures(failures, jobs))
         return returns
+
+    def launch(self, batch: Sequence[Sequence[str]], first: int) -> Sequence[JobReturn]:
+        """The launcher's run of `batch`. A job's failure comes back as its result; what the
+        launcher raises itself is about its settings, one line where it names one of them
+        (`hydra.launcher.n_jobs=0`: joblib refuses it before any job starts)."""
+        from reptile.job import refused_key
+
+        assert self.config is not None and self.launcher is not None
+        try:
+            return self.launcher.launch(batch, initial_job_idx=first)
+        except Exception as error:
+            refused = refused_key(error, self.config.hydra.launcher, "hydra.launcher")
+            if refused is None:
+                raise
+            print(f"error: {refused.under('hydra.launcher')}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
 
     def check_jobs(self, jobs: Sequence[Sequence[str]]) -> None:
         """Every job's config, checked as its run will check it, before any job starts. A key
