@@ -69,7 +69,7 @@ def instantiate_group(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
 def refused_key(error: BaseException | None, node: DictConfig, key: str) -> ConfigValueError | None:
     """The key of `node` (at `key`) that its `_target_` refused with `error`: a key it takes no
     argument for (`+dataset.foo=1`, or a key that only another option of the group has), or a
-    value a library's own check names (Lightning's `trainer.accelerator=tpu`). None where the
+    value a library's own check names (Lightning's `trainer.strategy=fsdb`). None where the
     error names no key of `node`, or comes from this package's own classes, which check their
     values with `require`: a bug, whose traceback is kept."""
     keys = sorted(str(name) for name in node if not str(name).startswith("_"))
@@ -193,13 +193,15 @@ def check_model_fits(model: torch.nn.Module, tasks: TaskDistribution) -> None:
         problem = None if shape == [2, tasks.num_outputs] else f"gives outputs of shape {shape[1:]}"
     except RuntimeError as error:
         problem = f"fails on them ({str(error).splitlines()[0]})"
+    if problem is None:
+        return
     outputs = f"{tasks.num_outputs} output{'s' * (tasks.num_outputs != 1)}"
     expected = (
         f"a model that maps {group_choice('dataset', tasks)}'s samples, {list(tasks.input_shape)}, "
         f"to {outputs}, but {type(model).__name__} {problem} (each preset pairs a dataset with "
         "its model: `python train.py --help` lists them)"
     )
-    require(problem is None, "model", group_choice("model", model), expected)
+    raise ConfigValueError("model", group_choice("model", model), expected)
 
 
 def group_choice(group: str, made: object) -> str:
