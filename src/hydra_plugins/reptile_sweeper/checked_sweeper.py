@@ -11,6 +11,7 @@ exits with the largest of their exit codes.
 from __future__ import annotations
 
 import copy
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,13 +39,15 @@ class CheckedSweeper(BasicSweeper):
         jobs = [job for batch in self.overrides for job in batch]
         self.check_jobs(jobs)
 
-        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
+        new = [path for path in (sweep_dir, *sweep_dir.parents) if not path.exists()]
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         returns, failures, first = [], [], 0
         while not self.is_done():
             batch = self.get_job_batch()
-            results = self.launch(batch, first)
+            # Refused before its first job, the sweep leaves no folder behind.
+            results = self.launch(batch, first, new[-1] if new and not first else None)
             failures += [(first + i, result) for i, result in enumerate(results) if failed(result)]
             first += len(batch)
             returns.append(results)
@@ -52,10 +55,13 @@ class CheckedSweeper(BasicSweeper):
             sys.exit(report_failures(failures, jobs))
         return returns
 
-    def launch(self, batch: Sequence[Sequence[str]], first: int) -> Sequence[JobReturn]:
+    def launch(
+        self, batch: Sequence[Sequence[str]], first: int, created: Path | None
+    ) -> Sequence[JobReturn]:
         """The launcher's run of `batch`. A job's failure comes back as its result; what the
         launcher raises itself is about its settings, one line where it names one of them
-        (`hydra.launcher.n_jobs=0`: joblib refuses it before any job starts)."""
+        (`hydra.launcher.n_jobs=0`: joblib refuses it before any job starts), after removing
+        `created`, the folder this sweep made."""
         from reptile.job import refused_key
 
         assert self.config is not None and self.launcher is not None
@@ -65,6 +71,8 @@ class CheckedSweeper(BasicSweeper):
             refused = refused_key(error, self.config.hydra.launcher, "hydra.launcher")
             if refused is None:
                 raise
+            if created is not None:
+                shutil.rmtree(created)
             print(f"error: {refused.under('hydra.launcher')}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
 
