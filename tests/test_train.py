@@ -150,6 +150,10 @@ def test_multirun_gives_each_job_its_directory_and_results(tmp_path: Path) -> No
         ),
         ("algorithm.compile=1", "algorithm.compile=1: expected true or false"),
         ("train=maybe", "train='maybe': expected true or false"),
+        (
+            "trainer.accelerator=tpu",
+            "trainer.accelerator='tpu': expected one of auto, cpu, gpu, cuda, mps",
+        ),
     ],
 )
 def test_bad_input_is_one_line_naming_key_value_and_accepted(

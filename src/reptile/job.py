@@ -38,12 +38,15 @@ from reptile.config import (
     is_int,
     require,
     require_bool,
+    require_choice,
     require_int,
     require_writable,
 )
 from reptile.data.distribution import TaskDistribution
 
 log = logging.getLogger(__name__)
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
 def instantiate_group(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -119,6 +122,8 @@ def check_run_settings(cfg: DictConfig, ckpt_path: str | None) -> None:
     require_int("trainer.max_steps", cfg.trainer.max_steps, 1 if cfg.train else 0)
     if cfg.trainer.get("val_check_interval") is not None:  # counted in meta-iterations
         require_int("trainer.val_check_interval", cfg.trainer.val_check_interval, 1)
+    # The devices this project's code runs on (TPUs would need torch_xla and XLA-aware steps).
+    require_choice("trainer.accelerator", cfg.trainer.get("accelerator", "auto"), ACCELERATORS)
     devices = cfg.trainer.get("devices")
     if is_int(devices):
         accepted = "an integer >= 1, -1 (every GPU), auto or a list of GPU indices"
