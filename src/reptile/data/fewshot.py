@@ -206,4 +206,5 @@ def check_task_size(split: Split, name: str, ways: int, support: int, query: int
             support_images = f"shots={support} per class are support"
             accepted = f"at most {smallest - support}: {images}, and {support_images}"
             raise ConfigValueError("query_shots", query, accepted)
-    raise ConfigValueError(key, support, f"at most {smallest - query}: {images}{held_out}")
+    accepted = f"at most {smallest - query}: {images}" + (held_out if query else "")
+    raise ConfigValueError(key, support, accepted)
