@@ -183,8 +183,7 @@ def key_error(
     node, _, name = full_key.rpartition(".")
     config = composed(overrides, compose)
     found = OmegaConf.select(config, node) if node and config is not None else config
-    names = found if isinstance(found, DictConfig) else []
-    keys = sorted(str(key) for key in names if not str(key).startswith("_"))  # not _target_
+    keys = node_keys(found)
     close = meant_keys(node, name, keys, config)
     hint = f" (did you mean {close}?)" if close else ""
     listed_keys = f"; its keys: {', '.join(keys)}" if keys else ""
@@ -308,10 +307,22 @@ def meant_keys(node: str, name: str, keys: list[str], config: DictConfig | None)
     elsewhere = known or [key for key in everywhere if key.rpartition(".")[2] == name]
     if elsewhere:  # those in `node` first
         return " or ".join(sorted(elsewhere, key=lambda key: key.rpartition(".")[0] != node))
+    return closest_key(node, name, keys)
+
+
+def closest_key(node: str, name: str, keys: list[str]) -> str | None:
+    """The full key of the closest spelling of `name` among `node`'s `keys`; None: none close."""
     close = difflib.get_close_matches(name, keys, n=1)
     if not close:
         return None
     return f"{node}.{close[0]}" if node else close[0]
+
+
+def node_keys(node: Any) -> list[str]:
+    """A config node's keys, sorted, without Hydra's own (`_target_`); none for a leaf."""
+    if not isinstance(node, DictConfig):
+        return []
+    return sorted(str(key) for key in node if not str(key).startswith("_"))
 
 
 def key_paths(tree: Any, prefix: str = "") -> Iterator[str]:

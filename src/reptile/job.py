@@ -5,7 +5,6 @@ exit code (the codes: `reptile.cli`)."""
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 import re
 import sys
@@ -30,7 +29,10 @@ from reptile.cli import (
     EXIT_ERROR,
     DivergenceError,
     JobFailed,
+    closest_key,
     discard_refused_run_dir,
+    node_keys,
+    one_line,
     process_rank,
 )
 from reptile.config import (
@@ -75,13 +77,13 @@ def refused_key(error: BaseException | None, node: DictConfig, key: str) -> Conf
     value a library's own check names (Lightning's `trainer.strategy=fsdb`). None where the
     error names no key of `node`, or comes from this package's own classes, which check their
     values with `require`: a bug, whose traceback is kept."""
-    keys = sorted(str(name) for name in node if not str(name).startswith("_"))
+    keys = node_keys(node)
     unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(error))
     if isinstance(error, TypeError) and unexpected and unexpected[1] in keys:
         name = unexpected[1]
         others = [other for other in keys if other != name]
-        close = difflib.get_close_matches(name, others, n=1)
-        hint = f" (did you mean {key}.{close[0]}?)" if close else ""
+        close = closest_key(key, name, others)
+        hint = f" (did you mean {close}?)" if close else ""
         accepted = f"one of the keys {node._target_} takes{hint}: {', '.join(others)}"
         return ConfigValueError(name, node.get(name), accepted)
     if str(node._target_).startswith("reptile."):
@@ -89,8 +91,7 @@ def refused_key(error: BaseException | None, node: DictConfig, key: str) -> Conf
     named = [name for name in keys if re.search(rf"\b{re.escape(name)}\b", str(error))]
     if len(named) != 1:
         return None
-    message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    accepted = f"what {node._target_} accepts: {message}"
+    accepted = f"what {node._target_} accepts: {one_line(str(error))}"
     return ConfigValueError(named[0], node.get(named[0]), accepted)
 
 

@@ -106,10 +106,7 @@ class CheckedSweeper(BasicSweeper):
     def task_config(self, overrides: list[str]) -> DictConfig:
         """The task config (no `hydra` node) of a job of `overrides`."""
         assert self.config is not None and self.hydra_context is not None
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with read_write(config), open_dict(config):
-            del config["hydra"]
-        return config
+        return task_part(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
 
     @contextmanager
     def job_config(self, number: int, overrides: Sequence[str]) -> Iterator[DictConfig]:
@@ -125,12 +122,17 @@ class CheckedSweeper(BasicSweeper):
         previous = HydraConfig.instance().cfg
         HydraConfig.instance().set_config(config)
         try:
-            task = copy.deepcopy(config)
-            with read_write(task), open_dict(task):
-                del task["hydra"]
-            yield task
+            yield task_part(config)
         finally:
             HydraConfig.instance().cfg = previous
+
+
+def task_part(config: DictConfig) -> DictConfig:
+    """A copy of a job's config without its `hydra` node: what the task function receives."""
+    task = copy.deepcopy(config)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
 
 
 def failed(result: JobReturn) -> bool:
