@@ -47,6 +47,27 @@ def test_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None
         assert cli.fastest_precision() == precision
 
 
+def test_bf16_is_called_emulated_only_on_a_device_without_bfloat16_units(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert cli.emulated_bf16("bf16-mixed") == (
+        "trainer.precision=bf16-mixed on a CPU without bfloat16 matrix units (AMX): "
+        "bfloat16 is emulated there, several times slower than 32-true"
+    )
+    assert cli.emulated_bf16("32-true") is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert cli.emulated_bf16("bf16-mixed") is None
+    # A GPU without bf16 beside a CPU with AMX: what counts is the device that trains.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert "on a GPU without bfloat16 matrix units (bf16" in cli.emulated_bf16("bf16-mixed", "gpu")
+    assert cli.emulated_bf16("bf16-mixed", "cpu") is None
+
+
 def test_precision_follows_the_configured_accelerator_not_the_machines_gpu(
     monkeypatch: pytest.MonkeyPatch, compose
 ) -> None:

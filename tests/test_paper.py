@@ -130,6 +130,27 @@ def test_machine_settings_are_not_a_different_run(tmp_path: Path) -> None:
     assert paper.check_config(run, ["seed=1"])["seed"] == 1
 
 
+def test_a_run_pinned_to_bf16_warns_before_training_on_a_cpu_without_bfloat16_units(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+
+    folder = make_paper(tmp_path)
+    rows = {"tiny": {**ROWS["tiny"], "train": [*TRAIN, "trainer.precision=bf16-mixed"]}}
+    (folder / "rows.yaml").write_text(json.dumps(rows))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    trained = []
+    monkeypatch.setattr(paper, "continue_training", lambda *args: trained.append(args) or False)
+    command = ["--paper", str(folder), "--work", str(tmp_path / "work"), "continue", "tiny"]
+    assert paper.main(command) == 0 and trained
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: run tiny: trainer.precision=bf16-mixed on a CPU without bfloat16 matrix units "
+        "(AMX): bfloat16 is emulated there, several times slower than 32-true; continue it on a "
+        "machine that has them"
+    ]
+
+
 def long_run(tmp_path: Path, *arguments: str) -> subprocess.Popen:
     """The runner started on a sine run far longer than a test, checkpointed every 10 steps."""
     folder = make_paper(tmp_path)

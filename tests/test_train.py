@@ -4,6 +4,7 @@ folders it cannot write, W&B without its server, damaged data, --help and --cfg.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -303,6 +304,20 @@ def test_more_gpus_than_the_machine_has_is_bad_input(
     assert refusal(compose, "trainer=ddp", "trainer.devices=4", "dataset.meta_batch_size=4") == (
         "trainer.devices=4: expected at most 2, the GPUs of this machine, or -1 for all of them"
     )
+
+
+def test_bf16_on_a_cpu_without_bfloat16_units_is_a_warning_before_training(
+    compose, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for amx, warned in ((False, True), (True, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="reptile.job"):
+            build(compose("trainer.precision=bf16-mixed", "logger=none"))
+        assert ("bfloat16 is emulated there" in caplog.text) == warned
 
 
 @pytest.mark.slow

@@ -53,14 +53,32 @@ def has_bf16_units(device: str) -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def fastest_precision(accelerator: str = "auto") -> str:
-    """bf16-mixed where the device of `trainer.accelerator` (`auto`: the GPU if any, else the CPU)
-    has bfloat16 matrix units, otherwise 32-true. The few-shot presets train with it: on Omniglot
-    5-way 1-shot at 6,000 meta-iterations it scored within the 95 % interval of float32."""
+def training_device(accelerator: str = "auto") -> str:
+    """The device `trainer.accelerator` trains on: "cuda" (`auto`: the GPU if any) or "cpu"."""
     import torch
 
     on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if has_bf16_units("cuda" if on_gpu else "cpu") else "32-true"
+    return "cuda" if on_gpu else "cpu"
+
+
+def fastest_precision(accelerator: str = "auto") -> str:
+    """bf16-mixed where the device of `trainer.accelerator` has bfloat16 matrix units, otherwise
+    32-true. The few-shot presets train with it: on Omniglot 5-way 1-shot at 6,000
+    meta-iterations it scored within the 95 % interval of float32."""
+    return "bf16-mixed" if has_bf16_units(training_device(accelerator)) else "32-true"
+
+
+def emulated_bf16(precision: object, accelerator: str = "auto") -> str | None:
+    """A warning where bf16-mixed trains on a device without bfloat16 matrix units: there torch
+    emulates bfloat16 arithmetic, several times slower than float32 (README "Mixed precision")."""
+    device = training_device(accelerator)
+    if str(precision) != "bf16-mixed" or has_bf16_units(device):
+        return None
+    name, units = ("CPU", "AMX") if device == "cpu" else ("GPU", "bf16 tensor cores")
+    return (
+        f"trainer.precision=bf16-mixed on a {name} without bfloat16 matrix units ({units}): "
+        "bfloat16 is emulated there, several times slower than 32-true"
+    )
 
 
 def gpu_count() -> int:

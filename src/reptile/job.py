@@ -31,6 +31,7 @@ from reptile.cli import (
     JobFailed,
     closest_key,
     discard_refused_run_dir,
+    emulated_bf16,
     node_keys,
     one_line,
     process_rank,
@@ -139,6 +140,9 @@ def check_run_settings(cfg: DictConfig, ckpt_path: str | None) -> None:
         precision,
         "32-true or bf16-mixed",
     )
+    slow = emulated_bf16(precision, cfg.trainer.get("accelerator", "auto"))
+    if slow and process_rank() == 0:
+        log.warning(slow)
 
 
 def check_folders(cfg: DictConfig) -> None:

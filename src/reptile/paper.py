@@ -44,7 +44,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from reptile.cli import STOP_SIGNALS
+from reptile.cli import STOP_SIGNALS, emulated_bf16
 from reptile.files import copy_atomically, write_atomically
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -407,6 +407,12 @@ def continue_run(
     if not (run.folder / "config.yaml").is_file():
         yaml = OmegaConf.to_yaml(OmegaConf.create(config))
         write_atomically(run.folder / "config.yaml", yaml.encode())
+    accelerator = compose([*run.train, *overrides]).trainer.get("accelerator", "auto")
+    slow = emulated_bf16(config["trainer"]["precision"], accelerator)
+    if slow:  # the run pins its precision: say so before hours of it
+        print(
+            f"warning: run {name}: {slow}; continue it on a machine that has them", file=sys.stderr
+        )
     if continue_training(run, overrides, config, hours):
         evaluate(run, overrides)
 
