@@ -39,6 +39,11 @@ ROWS = {
 }
 
 
+def checked(run: paper.Run, *overrides: str) -> dict:
+    """The run's decisive config with these machine overrides, checked as `continue` checks it."""
+    return paper.check_config(run, paper.compose([*run.train, *overrides]))
+
+
 @pytest.mark.parametrize("name", list(paper.load_runs()))
 def test_every_committed_run_builds_and_keeps_its_committed_config(compose, name: str) -> None:
     """A key of rows.yaml that does not exist or a value the config checks refuse, or a changed
@@ -50,7 +55,7 @@ def test_every_committed_run_builds_and_keeps_its_committed_config(compose, name
         if not Path(cfg.dataset.root).is_dir():
             pytest.skip(f"{cfg.dataset.root} is missing (shared/ beside the repository)")
         build(cfg)
-    paper.check_config(run, [data])
+    checked(run, data)
 
 
 def make_paper(tmp_path: Path) -> Path:
@@ -117,7 +122,7 @@ def test_a_run_continues_from_its_committed_checkpoint_to_the_uninterrupted_resu
 
 def test_machine_settings_are_not_a_different_run(tmp_path: Path) -> None:
     run = paper.load_runs(make_paper(tmp_path), tmp_path / "work")["tiny"]
-    base = paper.check_config(run, [])
+    base = checked(run)
     machine = [
         "threads=2",
         "paths.data_dir=/elsewhere",
@@ -126,8 +131,8 @@ def test_machine_settings_are_not_a_different_run(tmp_path: Path) -> None:
         "trainer.val_check_interval=2",
         "logger=csv",
     ]
-    assert paper.check_config(run, machine) == base
-    assert paper.check_config(run, ["seed=1"])["seed"] == 1
+    assert checked(run, *machine) == base
+    assert checked(run, "seed=1")["seed"] == 1
 
 
 def test_a_run_pinned_to_bf16_warns_before_training_on_a_cpu_without_bfloat16_units(

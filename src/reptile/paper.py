@@ -170,9 +170,10 @@ def first_difference(committed: Any, current: Any, key: str = "") -> str | None:
     return None
 
 
-def check_config(run: Run, overrides: list[str]) -> dict[str, Any]:
-    """The run's decisive config for these machine overrides, checked against the committed one."""
-    current = decisive_config(compose([*run.train, *overrides]))
+def check_config(run: Run, composed: DictConfig) -> dict[str, Any]:
+    """The decisive part of `composed` (the run's config with this machine's overrides), checked
+    against the committed one."""
+    current = decisive_config(composed)
     path = run.folder / "config.yaml"
     if path.is_file():
         committed = OmegaConf.to_container(OmegaConf.load(path))
@@ -403,12 +404,12 @@ def continue_run(
             f"run {name!r}: expected one of {', '.join(runs)} (benchmarks/paper/rows.yaml)"
         )
     run = runs[name]
-    config = check_config(run, overrides)
+    composed = compose([*run.train, *overrides])
+    config = check_config(run, composed)
     if not (run.folder / "config.yaml").is_file():
         yaml = OmegaConf.to_yaml(OmegaConf.create(config))
         write_atomically(run.folder / "config.yaml", yaml.encode())
-    accelerator = compose([*run.train, *overrides]).trainer.get("accelerator", "auto")
-    slow = emulated_bf16(config["trainer"]["precision"], accelerator)
+    slow = emulated_bf16(composed.trainer.precision, composed.trainer.get("accelerator", "auto"))
     if slow:  # the run pins its precision: say so before hours of it
         print(
             f"warning: run {name}: {slow}; continue it on a machine that has them", file=sys.stderr
